@@ -1,0 +1,198 @@
+//! What a VM is made of, as the user asked for it, checked before anything is built.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+/// Default number of vCPUs.
+pub const DEFAULT_CPUS: u32 = 1;
+/// Default guest memory.
+pub const DEFAULT_MEMORY: MemSize = MemSize(128 << 20);
+
+/// Errors in a VM configuration.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// A memory size that does not parse.
+    #[error("invalid memory size '{0}': expected a number with an optional K, M, G or T suffix (e.g. 512M, 2G)")]
+    BadSize(String),
+    /// A memory size that is not a whole number of pages.
+    #[error("invalid memory size '{0}': must be a multiple of 4 KiB")]
+    UnalignedSize(String),
+    /// Zero vCPUs.
+    #[error("--cpus 0: a VM needs at least one vCPU")]
+    NoCpus,
+    /// More vCPUs than KVM or the MP table allow.
+    #[error("--cpus {asked}: this host allows at most {max} vCPUs per VM")]
+    TooManyCpus {
+        /// What was asked for.
+        asked: u32,
+        /// The limit.
+        max: u32,
+    },
+    /// No kernel given and no bundled guest.
+    #[error("no --kernel given and no guest kernel at {0} (build one with firmware/build.sh, or set LOFT_GUEST_DIR)")]
+    NoDefaultKernel(PathBuf),
+}
+
+/// A size in bytes, parsed from `128M`, `1G`, `512MiB`, `4096K` or a plain number of MiB.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct MemSize(pub u64);
+
+impl MemSize {
+    /// Size in bytes.
+    pub fn bytes(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Display for MemSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const UNITS: [(&str, u64); 4] = [
+            ("T", 1 << 40),
+            ("G", 1 << 30),
+            ("M", 1 << 20),
+            ("K", 1 << 10),
+        ];
+        for (suffix, unit) in UNITS {
+            if self.0 >= unit && self.0 % unit == 0 {
+                return write!(f, "{}{suffix}", self.0 / unit);
+            }
+        }
+        write!(f, "{}B", self.0)
+    }
+}
+
+impl FromStr for MemSize {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || ConfigError::BadSize(s.to_owned());
+        let t = s.trim();
+        let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, suffix) = t.split_at(digits_end);
+        if num.is_empty() {
+            return Err(bad());
+        }
+        let n: u64 = num.parse().map_err(|_| bad())?;
+        let shift = match suffix.trim().to_ascii_uppercase().as_str() {
+            // A bare number is MiB, as for QEMU's -m.
+            "" | "M" | "MB" | "MIB" => 20,
+            "K" | "KB" | "KIB" => 10,
+            "G" | "GB" | "GIB" => 30,
+            "T" | "TB" | "TIB" => 40,
+            _ => return Err(bad()),
+        };
+        let bytes = n.checked_mul(1u64 << shift).ok_or_else(bad)?;
+        if bytes == 0 {
+            return Err(bad());
+        }
+        if bytes % 4096 != 0 {
+            return Err(ConfigError::UnalignedSize(s.to_owned()));
+        }
+        Ok(MemSize(bytes))
+    }
+}
+
+/// Everything needed to build a VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmConfig {
+    /// Guest kernel: ELF vmlinux or bzImage.
+    pub kernel: PathBuf,
+    /// Initial ramdisk (cpio, optionally compressed).
+    pub initrd: Option<PathBuf>,
+    /// The user's part of the kernel command line.
+    pub cmdline: String,
+    /// vCPUs.
+    pub cpus: u32,
+    /// Guest RAM.
+    pub memory: MemSize,
+    /// The KVM device.
+    pub kvm_device: PathBuf,
+}
+
+impl VmConfig {
+    /// A configuration with defaults for everything but the kernel.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        Self {
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: String::new(),
+            cpus: DEFAULT_CPUS,
+            memory: DEFAULT_MEMORY,
+            kvm_device: default_kvm_device(),
+        }
+    }
+}
+
+/// `/dev/kvm`, or what `LOFT_KVM_DEVICE` names.
+pub fn default_kvm_device() -> PathBuf {
+    std::env::var_os("LOFT_KVM_DEVICE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/dev/kvm"))
+}
+
+/// Where the bundled guest lives: `LOFT_GUEST_DIR`, else the `target/guest` directory that
+/// `firmware/build.sh` fills in this source tree.
+pub fn guest_dir() -> PathBuf {
+    std::env::var_os("LOFT_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/guest")))
+}
+
+/// The bundled guest's kernel and initramfs, when they are there.
+pub fn bundled_guest() -> Result<(PathBuf, Option<PathBuf>), ConfigError> {
+    let dir = guest_dir();
+    let kernel = dir.join("vmlinux");
+    if !kernel.is_file() {
+        return Err(ConfigError::NoDefaultKernel(kernel));
+    }
+    let initrd = dir.join("initramfs.cpio");
+    Ok((kernel, initrd.is_file().then_some(initrd)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_sizes_with_and_without_units() {
+        let p = |s: &str| s.parse::<MemSize>().map(|m| m.bytes());
+        assert_eq!(p("256M"), Ok(256 << 20));
+        assert_eq!(p("256"), Ok(256 << 20));
+        assert_eq!(p("1G"), Ok(1 << 30));
+        assert_eq!(p("4g"), Ok(4 << 30));
+        assert_eq!(p("512MiB"), Ok(512 << 20));
+        assert_eq!(p("2GB"), Ok(2 << 30));
+        assert_eq!(p("65536K"), Ok(64 << 20));
+        assert_eq!(p("1T"), Ok(1 << 40));
+    }
+
+    #[test]
+    fn rejects_malformed_sizes() {
+        for s in [
+            "",
+            "M",
+            "12X",
+            "-1G",
+            "1.5G",
+            "0",
+            "0M",
+            "99999999999999999999G",
+            "1 G B",
+        ] {
+            assert!(s.parse::<MemSize>().is_err(), "{s:?} should not parse");
+        }
+        assert_eq!(
+            "3K".parse::<MemSize>(),
+            Err(ConfigError::UnalignedSize("3K".into()))
+        );
+    }
+
+    #[test]
+    fn displays_in_the_largest_whole_unit() {
+        assert_eq!(MemSize(128 << 20).to_string(), "128M");
+        assert_eq!(MemSize(4 << 30).to_string(), "4G");
+        assert_eq!(MemSize(1536 << 20).to_string(), "1536M");
+        assert_eq!(MemSize(4096).to_string(), "4K");
+    }
+}

@@ -1,0 +1,60 @@
+//! loft: a KVM micro-VM monitor that boots a Linux guest in milliseconds.
+//!
+//! The crate is both the `loft` command and a library. Building blocks, in the order a VM is
+//! made: [`config`] (what the user asked for), [`loader`] (kernel, initrd, command line),
+//! [`arch`] (the x86_64 memory map and boot structures), [`vstate`] (the KVM VM, its memory and
+//! vCPUs), [`vmm`] (devices, the event loop, running and stopping).
+
+pub mod arch;
+pub mod config;
+pub mod console;
+pub mod host;
+pub mod loader;
+pub mod stop;
+pub mod vmm;
+pub mod vstate;
+
+pub use config::{MemSize, VmConfig};
+pub use host::KvmFlavour;
+pub use stop::StopReason;
+pub use vmm::Vmm;
+
+/// Everything that can go wrong building or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// The kernel, initrd or command line could not be loaded.
+    #[error(transparent)]
+    Loader(#[from] loader::LoaderError),
+    /// KVM or the VM could not be set up.
+    #[error(transparent)]
+    Vm(#[from] vstate::vm::VmError),
+    /// Guest memory could not be mapped.
+    #[error(transparent)]
+    Memory(#[from] vstate::memory::MemoryError),
+    /// A vCPU could not be set up.
+    #[error(transparent)]
+    Vcpu(#[from] vstate::vcpu::VcpuError),
+    /// The MP table could not be written.
+    #[error(transparent)]
+    Mptable(#[from] arch::x86_64::mptable::MptableError),
+    /// The zero page or PVH start info could not be written.
+    #[error(transparent)]
+    BootParams(#[from] arch::x86_64::boot_params::BootParamsError),
+    /// Devices could not be placed.
+    #[error("cannot set up devices: {0}")]
+    Devices(String),
+    /// The event loop failed.
+    #[error("event loop: {0}")]
+    EventLoop(String),
+    /// A host resource (thread, eventfd, stdin) failed.
+    #[error("cannot {what}: {source}")]
+    Host {
+        /// What loft was doing.
+        what: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}

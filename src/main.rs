@@ -1,0 +1,142 @@
+//! The `loft` command.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use clap::{Args, Parser, Subcommand};
+use loft::config::{self, MemSize, VmConfig};
+use loft::console::RawTerminal;
+use loft::Vmm;
+
+/// Boot a Linux guest in a KVM micro-VM.
+#[derive(Parser, Debug)]
+#[command(name = "loft", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Boot a guest with its serial console on this terminal; exits when the guest does.
+    Run(RunArgs),
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Guest kernel: an ELF vmlinux or a bzImage [default: the guest built by firmware/build.sh]
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk (cpio archive) [default: the bundled initramfs when --kernel is not given]
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Extra kernel command line; words after " -- " are passed to the guest's init
+    #[arg(long, value_name = "STR", default_value = "")]
+    cmdline: String,
+    /// Number of vCPUs
+    #[arg(long, value_name = "N", default_value_t = config::DEFAULT_CPUS)]
+    cpus: u32,
+    /// Guest memory, e.g. 256M or 1G (a bare number is MiB)
+    #[arg(long, value_name = "SIZE", default_value = "128M")]
+    memory: MemSize,
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_terminate(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::Release);
+}
+
+fn install_terminate_handlers() {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        if let Err(e) = unsafe { signal(sig, SigHandler::Handler(on_terminate)) } {
+            log::warn!("cannot handle {sig}: {e}");
+        }
+    }
+}
+
+fn vm_config(args: RunArgs) -> Result<VmConfig, loft::Error> {
+    let (kernel, initrd) = match args.kernel {
+        Some(k) => (k, args.initrd),
+        None => {
+            let (k, bundled_initrd) = config::bundled_guest()?;
+            (k, args.initrd.or(bundled_initrd))
+        }
+    };
+    Ok(VmConfig {
+        initrd,
+        cmdline: args.cmdline,
+        cpus: args.cpus,
+        memory: args.memory,
+        ..VmConfig::new(kernel)
+    })
+}
+
+fn run(args: RunArgs) -> Result<loft::StopReason, loft::Error> {
+    let config = vm_config(args)?;
+    let mut vmm = Vmm::build(&config, Box::new(std::io::stdout()))?;
+    let _terminal = RawTerminal::enable_on_stdin().map_err(|source| loft::Error::Host {
+        what: "put the terminal in raw mode",
+        source,
+    })?;
+    vmm.attach_stdin()?;
+    install_terminate_handlers();
+    vmm.run(&|| INTERRUPTED.load(Ordering::Acquire))
+}
+
+/// Prints an error with its causes on one line.
+fn report(e: &dyn std::error::Error) {
+    let mut line = format!("loft: error: {e}");
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = c.source();
+    }
+    eprintln!("{line}");
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().filter_or("LOFT_LOG", "info"))
+        .format_target(false)
+        .format_timestamp(None)
+        .init();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help, --version
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // One line: clap's first line names the problem and the value.
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments").trim();
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            eprintln!("loft: error: {first} (see 'loft --help')");
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command {
+        Command::Run(args) => match run(args) {
+            Ok(reason) if reason.is_clean() => {
+                log::debug!("guest stopped: {reason}");
+                ExitCode::SUCCESS
+            }
+            Ok(reason) => {
+                eprintln!("loft: error: {reason}");
+                ExitCode::FAILURE
+            }
+            Err(e) => {
+                report(&e);
+                ExitCode::FAILURE
+            }
+        },
+    }
+}

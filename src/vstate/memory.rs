@@ -1,0 +1,39 @@
+//! Guest RAM: anonymous host mappings laid out as [`layout::ram_ranges`] says.
+
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::arch::x86_64::layout;
+
+/// Errors creating guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The host could not map the memory.
+    #[error("cannot map {size} bytes of guest memory: {source}")]
+    Map {
+        /// Requested size.
+        size: u64,
+        /// The mapping error.
+        source: vm_memory::mmap::FromRangesError,
+    },
+}
+
+/// Maps `size` bytes of guest RAM.
+pub fn create(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    let ranges: Vec<_> = layout::ram_ranges(size)
+        .into_iter()
+        .map(|(start, len)| (start, len as usize))
+        .collect();
+    GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Map { size, source })
+}
+
+/// Total bytes of RAM in `mem`.
+pub fn total_size(mem: &GuestMemoryMmap) -> u64 {
+    mem.iter().map(|r| r.len()).sum()
+}
+
+/// End of the RAM range that starts at 0 (the RAM below the MMIO gap).
+pub fn low_ram_end(mem: &GuestMemoryMmap) -> u64 {
+    mem.iter()
+        .find(|r| r.start_addr().0 == 0)
+        .map_or(0, |r| r.len())
+}
