@@ -1,0 +1,471 @@
+//! virtio-blk backed by a raw disk image file.
+//!
+//! One request queue. Requests: IN, OUT, FLUSH (a real `fdatasync`), GET_ID; anything else is
+//! answered UNSUPP. A request is a chain of a 16-byte device-readable header, data buffers
+//! (device-writable for IN and GET_ID, device-readable for OUT) and a device-writable status
+//! byte in the last descriptor. A chain that breaks these rules, points outside guest memory or
+//! outside the disk gets VIRTIO_BLK_S_IOERR; a chain without a writable status byte is returned
+//! with a used length of 0.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use log::{debug, error, warn};
+use virtio_bindings::virtio_blk::{
+    virtio_blk_config, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
+    VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
+    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::chain::{check_buffer, check_range, Chain};
+use super::{check_activation, queue_eventfds, Active, Interrupt, VirtioDevice};
+
+/// Size of the request queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Bytes per sector, the unit of request offsets and of the capacity.
+pub const SECTOR_SIZE: u64 = 512;
+/// Largest number of data segments in one request (the queue less header and status).
+const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// Bytes moved between the image and guest memory per step.
+const CHUNK: usize = 64 * 1024;
+/// Length of the request header.
+const HEADER_LEN: u32 = 16;
+const ID_BYTES: usize = VIRTIO_BLK_ID_BYTES as usize;
+
+/// Errors from creating a block device.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    /// The disk image could not be opened.
+    #[error("cannot open disk image {path}: {source}")]
+    Open {
+        /// Path of the image.
+        path: PathBuf,
+        /// OS error.
+        source: io::Error,
+    },
+    /// The size or identity of the disk image could not be read.
+    #[error("cannot read the size of disk image {path}: {source}")]
+    Size {
+        /// Path of the image.
+        path: PathBuf,
+        /// OS error.
+        source: io::Error,
+    },
+    /// The virtio plumbing (eventfds) could not be set up.
+    #[error("virtio-blk setup: {0}")]
+    Virtio(#[from] super::Error),
+}
+
+/// What went wrong with a request, reported to the driver as its status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    IoErr,
+    Unsupp,
+}
+
+impl Status {
+    fn code(self) -> u8 {
+        match self {
+            Status::IoErr => VIRTIO_BLK_S_IOERR as u8,
+            Status::Unsupp => VIRTIO_BLK_S_UNSUPP as u8,
+        }
+    }
+}
+
+/// The disk image and what request handling needs of it.
+struct Disk {
+    file: File,
+    read_only: bool,
+    /// Size in bytes: a whole number of sectors.
+    size: u64,
+    id: [u8; ID_BYTES],
+    bounce: Vec<u8>,
+}
+
+impl Disk {
+    /// Handles one request chain; returns the number of bytes written to the guest.
+    fn handle(&mut self, mem: &GuestMemoryMmap<()>, chain: &Chain) -> u32 {
+        let Some((status, rest)) = chain.descs.split_last() else {
+            debug!("virtio-blk: empty descriptor chain");
+            return 0;
+        };
+        if !status.is_write_only()
+            || status.len() == 0
+            || check_range(mem, status.addr(), 1).is_err()
+        {
+            debug!("virtio-blk: request without a writable status byte, returned unanswered");
+            return 0;
+        }
+        let result = if chain.complete {
+            self.execute(mem, rest)
+        } else {
+            debug!("virtio-blk: descriptor chain does not terminate");
+            Err(Status::IoErr)
+        };
+        let (code, written) = match result {
+            Ok(n) => (VIRTIO_BLK_S_OK as u8, n),
+            Err(s) => (s.code(), 0),
+        };
+        if mem.write_obj(code, status.addr()).is_err() {
+            return 0;
+        }
+        written.saturating_add(1)
+    }
+
+    /// Runs the request of header + data descriptors `descs`; returns data bytes written to the
+    /// guest.
+    fn execute(&mut self, mem: &GuestMemoryMmap<()>, descs: &[Descriptor]) -> Result<u32, Status> {
+        let Some((header, data)) = descs.split_first() else {
+            debug!("virtio-blk: request without a header");
+            return Err(Status::IoErr);
+        };
+        if header.is_write_only() || header.len() < HEADER_LEN {
+            debug!("virtio-blk: request header is writable or short");
+            return Err(Status::IoErr);
+        }
+        let mut hdr = [0u8; HEADER_LEN as usize];
+        mem.read_slice(&mut hdr, header.addr()).map_err(|e| {
+            debug!("virtio-blk: cannot read request header: {e}");
+            Status::IoErr
+        })?;
+        let req_type = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+        let mut sector = [0u8; 8];
+        sector.copy_from_slice(&hdr[8..16]);
+        let sector = u64::from_le_bytes(sector);
+        match req_type {
+            VIRTIO_BLK_T_IN => self.read(mem, sector, data),
+            VIRTIO_BLK_T_OUT => self.write(mem, sector, data).map(|()| 0),
+            VIRTIO_BLK_T_FLUSH => self.flush().map(|()| 0),
+            VIRTIO_BLK_T_GET_ID => self.get_id(mem, data),
+            other => {
+                debug!("virtio-blk: unsupported request type {other}");
+                Err(Status::Unsupp)
+            }
+        }
+    }
+
+    /// Checks the data buffers of a transfer at `sector`; returns the image byte offset.
+    fn check_transfer(
+        &self,
+        mem: &GuestMemoryMmap<()>,
+        sector: u64,
+        data: &[Descriptor],
+        writable: bool,
+    ) -> Result<u64, Status> {
+        let mut total: u64 = 0;
+        for d in data {
+            check_buffer(mem, d, writable).map_err(|e| {
+                debug!("virtio-blk: bad data buffer: {e}");
+                Status::IoErr
+            })?;
+            total += u64::from(d.len());
+        }
+        if total % SECTOR_SIZE != 0 {
+            debug!("virtio-blk: transfer of {total} bytes is not whole sectors");
+            return Err(Status::IoErr);
+        }
+        let start = sector.checked_mul(SECTOR_SIZE);
+        let end = start.and_then(|s| s.checked_add(total));
+        match (start, end) {
+            (Some(start), Some(end)) if end <= self.size => Ok(start),
+            _ => {
+                debug!("virtio-blk: transfer at sector {sector} of {total} bytes is past the end");
+                Err(Status::IoErr)
+            }
+        }
+    }
+
+    fn read(
+        &mut self,
+        mem: &GuestMemoryMmap<()>,
+        sector: u64,
+        data: &[Descriptor],
+    ) -> Result<u32, Status> {
+        let mut pos = self.check_transfer(mem, sector, data, true)?;
+        let mut written: u32 = 0;
+        for d in data {
+            let mut done: u32 = 0;
+            while done < d.len() {
+                let n = (d.len() - done).min(CHUNK as u32);
+                let buf = &mut self.bounce[..n as usize];
+                self.file.read_exact_at(buf, pos).map_err(|e| {
+                    warn!("virtio-blk: read of disk image at {pos:#x} failed: {e}");
+                    Status::IoErr
+                })?;
+                let addr = GuestAddress(d.addr().0 + u64::from(done));
+                mem.write_slice(buf, addr).map_err(|_| Status::IoErr)?;
+                done += n;
+                pos += u64::from(n);
+            }
+            written = written.saturating_add(done);
+        }
+        Ok(written)
+    }
+
+    fn write(
+        &mut self,
+        mem: &GuestMemoryMmap<()>,
+        sector: u64,
+        data: &[Descriptor],
+    ) -> Result<(), Status> {
+        if self.read_only {
+            debug!("virtio-blk: write to a read-only disk");
+            return Err(Status::IoErr);
+        }
+        let mut pos = self.check_transfer(mem, sector, data, false)?;
+        for d in data {
+            let mut done: u32 = 0;
+            while done < d.len() {
+                let n = (d.len() - done).min(CHUNK as u32);
+                let buf = &mut self.bounce[..n as usize];
+                let addr = GuestAddress(d.addr().0 + u64::from(done));
+                mem.read_slice(buf, addr).map_err(|_| Status::IoErr)?;
+                self.file.write_all_at(buf, pos).map_err(|e| {
+                    warn!("virtio-blk: write of disk image at {pos:#x} failed: {e}");
+                    Status::IoErr
+                })?;
+                done += n;
+                pos += u64::from(n);
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), Status> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.file.sync_data().map_err(|e| {
+            warn!("virtio-blk: fdatasync of disk image failed: {e}");
+            Status::IoErr
+        })
+    }
+
+    fn get_id(&mut self, mem: &GuestMemoryMmap<()>, data: &[Descriptor]) -> Result<u32, Status> {
+        for d in data {
+            check_buffer(mem, d, true).map_err(|e| {
+                debug!("virtio-blk: bad GET_ID buffer: {e}");
+                Status::IoErr
+            })?;
+        }
+        let mut left: &[u8] = &self.id;
+        for d in data {
+            let n = left.len().min(d.len() as usize);
+            mem.write_slice(&left[..n], d.addr())
+                .map_err(|_| Status::IoErr)?;
+            left = &left[n..];
+        }
+        Ok((ID_BYTES - left.len()) as u32)
+    }
+}
+
+/// A virtio-blk device over a raw image file.
+pub struct Block {
+    disk: Disk,
+    features: u64,
+    config: Vec<u8>,
+    queue_max_sizes: [u16; 1],
+    queue_evts: Vec<EventFd>,
+    interrupt: Arc<Interrupt>,
+    active: Option<Active>,
+}
+
+impl Block {
+    /// Opens the raw image at `path` (read-write unless `read_only`).
+    ///
+    /// The capacity is the file size in whole 512-byte sectors; a trailing partial sector is
+    /// not visible to the guest.
+    pub fn new(path: impl AsRef<Path>, read_only: bool) -> Result<Self, BlockError> {
+        let path = path.as_ref();
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|source| BlockError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        let size_err = |source| BlockError::Size {
+            path: path.to_owned(),
+            source,
+        };
+        // Seeking works for regular files and block devices alike.
+        let len = file.seek(SeekFrom::End(0)).map_err(size_err)?;
+        let meta = file.metadata().map_err(size_err)?;
+        if len % SECTOR_SIZE != 0 {
+            warn!(
+                "virtio-blk: {} is not a whole number of sectors; the last {} bytes are not visible",
+                path.display(),
+                len % SECTOR_SIZE
+            );
+        }
+        let size = len - len % SECTOR_SIZE;
+
+        // A stable serial: the image's device and inode numbers, 20 hex digits.
+        let serial = format!(
+            "{:08x}{:012x}",
+            meta.dev() as u32,
+            meta.ino() & 0xffff_ffff_ffff
+        );
+        let mut id = [0u8; ID_BYTES];
+        id.copy_from_slice(&serial.as_bytes()[..ID_BYTES]);
+
+        let mut features =
+            (1u64 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_BLK_F_FLUSH) | (1 << VIRTIO_BLK_F_SEG_MAX);
+        if read_only {
+            features |= 1 << VIRTIO_BLK_F_RO;
+        }
+
+        // virtio_blk_config: capacity (sectors) at 0, seg_max at 12, the rest 0.
+        let mut config = vec![0u8; std::mem::size_of::<virtio_blk_config>()];
+        config[0..8].copy_from_slice(&(size / SECTOR_SIZE).to_le_bytes());
+        config[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+
+        Ok(Self {
+            disk: Disk {
+                file,
+                read_only,
+                size,
+                id,
+                bounce: vec![0; CHUNK],
+            },
+            features,
+            config,
+            queue_max_sizes: [QUEUE_SIZE],
+            queue_evts: queue_eventfds(1)?,
+            interrupt: Arc::new(Interrupt::new()?),
+            active: None,
+        })
+    }
+
+    /// Capacity in 512-byte sectors.
+    pub fn capacity(&self) -> u64 {
+        self.disk.size / SECTOR_SIZE
+    }
+
+    /// The 20-byte serial returned by GET_ID.
+    pub fn serial(&self) -> [u8; ID_BYTES] {
+        self.disk.id
+    }
+
+    /// Handles the requests available in the queue, then interrupts the driver if it wants.
+    ///
+    /// This is what a queue notification does. It handles at most one queue's worth of
+    /// requests per call and re-signals its own notification `EventFd` if more are left, so a
+    /// busy guest cannot hog the event loop. Does nothing before activation.
+    pub fn process_queue(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            debug!("virtio-blk: queue notification before activation, ignored");
+            return;
+        };
+        let mem = &active.mem;
+        let q = &mut active.queues[0];
+        let budget = usize::from(q.size());
+        let mut handled = 0;
+        let mut broken = false;
+        while handled < budget {
+            let chain = match q.iter(mem) {
+                Ok(mut it) => it.next(),
+                Err(e) => {
+                    debug!("virtio-blk: bad available ring: {e}");
+                    broken = true;
+                    break;
+                }
+            };
+            let Some(chain) = chain else { break };
+            let chain = Chain::collect(chain, budget);
+            let len = self.disk.handle(mem, &chain);
+            if let Err(e) = q.add_used(mem, chain.head, len) {
+                debug!("virtio-blk: cannot return descriptor {}: {e}", chain.head);
+                broken = true;
+                break;
+            }
+            handled += 1;
+        }
+        if handled == budget {
+            // Maybe more: come back after the other event sources had their turn.
+            let _ = self.queue_evts[0].write(1);
+        }
+        if handled > 0 && !matches!(q.needs_notification(mem), Ok(false)) {
+            self.interrupt.signal_used();
+        }
+        if broken {
+            self.active = None;
+            self.interrupt.set_needs_reset();
+        }
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_max_sizes
+    }
+
+    fn config(&self) -> &[u8] {
+        &self.config
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap<()>,
+        queues: Vec<Queue>,
+        features: u64,
+    ) -> Result<(), super::Error> {
+        check_activation(&queues, 1, features)?;
+        self.active = Some(Active { mem, queues });
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+    }
+
+    fn interrupt(&self) -> &Arc<Interrupt> {
+        &self.interrupt
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+}
+
+impl MutEventSubscriber for Block {
+    fn init(&mut self, ops: &mut EventOps) {
+        for (i, evt) in self.queue_evts.iter().enumerate() {
+            if let Err(e) = ops.add(Events::with_data(evt, i as u32, EventSet::IN)) {
+                error!("virtio-blk: cannot watch queue {i}: {e}");
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        match self.queue_evts.get(events.data() as usize) {
+            Some(evt) => {
+                let _ = evt.read();
+                self.process_queue();
+            }
+            None => debug!("virtio-blk: event for unknown source {}", events.data()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

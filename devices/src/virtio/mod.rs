@@ -1,0 +1,282 @@
+//! Virtio devices (block, net) over the virtio-mmio transport.
+//!
+//! # Wiring contract
+//!
+//! Build a device ([`block::Block::new`], [`net::Net::new`]) and wrap it with
+//! [`VirtioMmioDevice::new`], giving it the guest memory. The bundle holds everything the VMM
+//! must wire:
+//!
+//! - [`VirtioMmioDevice::transport`] goes on the MMIO bus at `mmio_base`, with a window of
+//!   [`MMIO_WINDOW_SIZE`] bytes (it implements [`BusDevice`]). vCPU threads reach it through
+//!   MMIO exits; it only touches registers and never runs queue work.
+//! - [`VirtioMmioDevice::subscriber`] is added to the VMM's event loop with
+//!   `EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>::add_subscriber`. All queue work
+//!   (disk I/O, TAP I/O) happens there, on the event-loop thread, never on a vCPU thread.
+//! - [`VirtioMmioDevice::irq_evt`]: register with KVM as an irqfd on the device's GSI. When the
+//!   device puts buffers in a used ring it sets bit 0 of InterruptStatus and then writes 1 to this
+//!   `EventFd`; a configuration change (or a failure that sets NEEDS_RESET) sets bit 1 first.
+//! - [`VirtioMmioDevice::queue_evts`]: one `(EventFd, datamatch)` per queue. Register each with
+//!   KVM as an ioeventfd at `mmio_base + QUEUE_NOTIFY_OFFSET` (4 bytes) with `datamatch` = queue
+//!   index as `u32`, so guest notifications never leave the kernel. A QueueNotify write that does
+//!   reach the transport (no ioeventfd) writes the same `EventFd`, so the device runs either way.
+//!
+//! The transport and the device are two objects behind two mutexes: a vCPU reading
+//! InterruptStatus or acknowledging an interrupt takes only the transport's lock (the interrupt
+//! state is shared through atomics in [`Interrupt`]), so it never waits behind disk or network
+//! I/O. Only feature negotiation, config-space accesses, activation and reset lock the device.
+//!
+//! The guest is hostile: any malformed descriptor chain gets an error status (or is returned
+//! with a used length of 0), and a broken queue setup puts the device in NEEDS_RESET with a
+//! configuration-change interrupt. Nothing the guest writes panics the VMM or reaches memory
+//! outside the guest's.
+
+pub mod block;
+pub mod chain;
+pub mod mmio;
+pub mod net;
+pub mod tap;
+
+#[cfg(test)]
+mod testing;
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use event_manager::MutEventSubscriber;
+use log::debug;
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+#[cfg(doc)]
+use crate::BusDevice;
+
+pub use mmio::MmioTransport;
+
+/// Size of the MMIO window of one virtio-mmio device (registers and config space).
+pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
+
+/// Offset of the QueueNotify register in the MMIO window: where the VMM puts the ioeventfds.
+pub const QUEUE_NOTIFY_OFFSET: u64 = 0x50;
+
+/// InterruptStatus bit: the device used buffers in a queue.
+pub const INT_USED_RING: u32 = 1;
+/// InterruptStatus bit: the device configuration changed (or the device needs a reset).
+pub const INT_CONFIG: u32 = 2;
+
+/// Errors from building or activating a virtio device.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An `EventFd` could not be created or cloned.
+    #[error("cannot create or clone an eventfd: {0}")]
+    EventFd(#[source] io::Error),
+    /// The driver activated the device with a queue that cannot be used.
+    #[error("virtio queue {index} is invalid: {reason}")]
+    InvalidQueue {
+        /// Index of the queue.
+        index: usize,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The device was handed a different number of queues than it has.
+    #[error("device expects {expected} queues, got {got}")]
+    QueueCount {
+        /// Queues the device has.
+        expected: usize,
+        /// Queues it was given.
+        got: usize,
+    },
+    /// A required feature was not negotiated.
+    #[error("required feature bit {0} was not negotiated")]
+    MissingFeature(u32),
+}
+
+/// Interrupt state of one device, shared by the transport (vCPU side) and the device (event loop).
+#[derive(Debug)]
+pub struct Interrupt {
+    status: AtomicU32,
+    needs_reset: AtomicBool,
+    evt: EventFd,
+}
+
+impl Interrupt {
+    /// New interrupt state with its own non-blocking `EventFd`.
+    pub fn new() -> Result<Self, Error> {
+        Ok(Self {
+            status: AtomicU32::new(0),
+            needs_reset: AtomicBool::new(false),
+            evt: EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?,
+        })
+    }
+
+    /// The `EventFd` written on each interrupt (the VMM's irqfd).
+    pub fn eventfd(&self) -> &EventFd {
+        &self.evt
+    }
+
+    /// Current InterruptStatus register value.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// True once the device has failed and must be reset by the driver.
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::SeqCst)
+    }
+
+    /// Sets InterruptStatus bit 0 (used buffers) and raises the interrupt.
+    pub fn signal_used(&self) {
+        self.raise(INT_USED_RING);
+    }
+
+    /// Sets InterruptStatus bit 1 (configuration change) and raises the interrupt.
+    pub fn signal_config(&self) {
+        self.raise(INT_CONFIG);
+    }
+
+    /// Marks the device as needing a reset (status bit NEEDS_RESET) and tells the driver with a
+    /// configuration-change interrupt.
+    pub fn set_needs_reset(&self) {
+        if !self.needs_reset.swap(true, Ordering::SeqCst) {
+            self.signal_config();
+        }
+    }
+
+    /// The driver acknowledges the bits in `mask` (InterruptACK).
+    pub fn ack(&self, mask: u32) {
+        self.status.fetch_and(!mask, Ordering::SeqCst);
+    }
+
+    /// Clears all interrupt state (device reset).
+    pub fn clear(&self) {
+        self.status.store(0, Ordering::SeqCst);
+        self.needs_reset.store(false, Ordering::SeqCst);
+    }
+
+    fn raise(&self, bit: u32) {
+        self.status.fetch_or(bit, Ordering::SeqCst);
+        if let Err(e) = self.evt.write(1) {
+            debug!("virtio: cannot signal interrupt: {e}");
+        }
+    }
+}
+
+/// A virtio device as seen by the transport.
+///
+/// Implementors also implement [`MutEventSubscriber`]: they watch their queue `EventFd`s (and
+/// their backend) and do all queue work from the event loop.
+pub trait VirtioDevice: Send {
+    /// Virtio device ID (1 = network, 2 = block).
+    fn device_type(&self) -> u32;
+
+    /// Feature bits the device offers.
+    fn features(&self) -> u64;
+
+    /// Maximum size of each queue, one entry per queue.
+    fn queue_max_sizes(&self) -> &[u16];
+
+    /// Device configuration space, as read by the driver at offset 0x100 of the window.
+    fn config(&self) -> &[u8];
+
+    /// The driver writes `data` at `offset` of the config space (already bounds-checked).
+    /// Ignored by default: the config fields of our devices are read-only.
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        debug!(
+            "virtio: ignored {}-byte config write at {offset:#x}",
+            data.len()
+        );
+    }
+
+    /// The driver set DRIVER_OK: start using `queues` (validated against `mem` by the transport,
+    /// one per entry of [`VirtioDevice::queue_max_sizes`]) with the negotiated `features`.
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap<()>,
+        queues: Vec<Queue>,
+        features: u64,
+    ) -> Result<(), Error>;
+
+    /// The driver reset the device: drop the queues and the memory.
+    fn reset(&mut self);
+
+    /// Interrupt state shared with the transport.
+    fn interrupt(&self) -> &Arc<Interrupt>;
+
+    /// One notification `EventFd` per queue.
+    fn queue_events(&self) -> &[EventFd];
+}
+
+/// Queues and memory of an activated device.
+#[derive(Debug)]
+pub(crate) struct Active {
+    pub mem: GuestMemoryMmap<()>,
+    pub queues: Vec<Queue>,
+}
+
+/// Creates `n` non-blocking queue notification `EventFd`s.
+pub(crate) fn queue_eventfds(n: usize) -> Result<Vec<EventFd>, Error> {
+    (0..n)
+        .map(|_| EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd))
+        .collect()
+}
+
+/// Checks the queues handed to [`VirtioDevice::activate`] and the VERSION_1 feature.
+pub(crate) fn check_activation(
+    queues: &[Queue],
+    expected: usize,
+    features: u64,
+) -> Result<(), Error> {
+    use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+    if queues.len() != expected {
+        return Err(Error::QueueCount {
+            expected,
+            got: queues.len(),
+        });
+    }
+    if features & (1 << VIRTIO_F_VERSION_1) == 0 {
+        return Err(Error::MissingFeature(VIRTIO_F_VERSION_1));
+    }
+    Ok(())
+}
+
+/// A virtio device on virtio-mmio, ready for the VMM to wire (see the module docs).
+pub struct VirtioMmioDevice {
+    /// Register window: put on the MMIO bus at the device's base, [`MMIO_WINDOW_SIZE`] long.
+    pub transport: Arc<Mutex<MmioTransport>>,
+    /// Queue and backend processing: add to the event manager.
+    pub subscriber: Arc<Mutex<dyn MutEventSubscriber + Send>>,
+    /// Per queue, the notification `EventFd` and its datamatch (the queue index): register each
+    /// as a KVM ioeventfd at `base + QUEUE_NOTIFY_OFFSET`, 4 bytes.
+    pub queue_evts: Vec<(EventFd, u32)>,
+    /// The interrupt `EventFd`: register as a KVM irqfd on the device's GSI.
+    pub irq_evt: EventFd,
+}
+
+impl VirtioMmioDevice {
+    /// Puts `device` behind a virtio-mmio transport over guest memory `mem`.
+    pub fn new<D>(device: D, mem: GuestMemoryMmap<()>) -> Result<Self, Error>
+    where
+        D: VirtioDevice + MutEventSubscriber + 'static,
+    {
+        let queue_evts = device
+            .queue_events()
+            .iter()
+            .enumerate()
+            .map(|(i, evt)| Ok((evt.try_clone().map_err(Error::EventFd)?, i as u32)))
+            .collect::<Result<Vec<_>, Error>>()?;
+        let irq_evt = device
+            .interrupt()
+            .eventfd()
+            .try_clone()
+            .map_err(Error::EventFd)?;
+        let device = Arc::new(Mutex::new(device));
+        let transport = MmioTransport::new(device.clone(), mem)?;
+        Ok(Self {
+            transport: Arc::new(Mutex::new(transport)),
+            subscriber: device,
+            queue_evts,
+            irq_evt,
+        })
+    }
+}
