@@ -29,9 +29,93 @@ pub enum ConfigError {
         /// The limit.
         max: u32,
     },
+    /// A `--disk` that does not parse.
+    #[error("invalid --disk '{0}': expected PATH or PATH,readonly")]
+    BadDisk(String),
+    /// A `--net` that does not parse.
+    #[error("invalid --net '{0}': expected tap=NAME[,mac=aa:bb:cc:dd:ee:ff] (NAME at most 15 characters)")]
+    BadNet(String),
     /// No kernel given and no bundled guest.
     #[error("no --kernel given and no guest kernel at {0} (build one with firmware/build.sh, or set LOFT_GUEST_DIR)")]
     NoDefaultKernel(PathBuf),
+}
+
+/// A virtio-blk disk: `PATH[,readonly]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// Raw image file.
+    pub path: PathBuf,
+    /// The guest sees a read-only disk and the file is never written.
+    pub read_only: bool,
+}
+
+impl FromStr for DiskConfig {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut parts = s.split(',');
+        let path = parts
+            .next()
+            .filter(|p| !p.is_empty())
+            .ok_or_else(|| ConfigError::BadDisk(s.into()))?;
+        let mut read_only = false;
+        for opt in parts {
+            match opt {
+                "readonly" | "ro" => read_only = true,
+                _ => return Err(ConfigError::BadDisk(s.into())),
+            }
+        }
+        Ok(Self {
+            path: PathBuf::from(path),
+            read_only,
+        })
+    }
+}
+
+/// A virtio-net interface backed by a host TAP device: `tap=NAME[,mac=MAC]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// TAP device name on the host.
+    pub tap: String,
+    /// The guest NIC's MAC address; one is made up when absent.
+    pub mac: Option<[u8; 6]>,
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for byte in &mut mac {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+impl FromStr for NetConfig {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || ConfigError::BadNet(s.into());
+        let mut tap = None;
+        let mut mac = None;
+        for opt in s.split(',') {
+            match opt.split_once('=') {
+                Some(("tap", name)) if !name.is_empty() && name.len() < 16 => {
+                    tap = Some(name.to_string())
+                }
+                Some(("mac", m)) => mac = Some(parse_mac(m).ok_or_else(bad)?),
+                _ => return Err(bad()),
+            }
+        }
+        Ok(Self {
+            tap: tap.ok_or_else(bad)?,
+            mac,
+        })
+    }
 }
 
 /// A size in bytes, parsed from `128M`, `1G`, `512MiB`, `4096K` or a plain number of MiB.
@@ -106,6 +190,10 @@ pub struct VmConfig {
     pub cpus: u32,
     /// Guest RAM.
     pub memory: MemSize,
+    /// Disks, in order: the first is /dev/vda.
+    pub disks: Vec<DiskConfig>,
+    /// Network interfaces, in order: the first is eth0.
+    pub nets: Vec<NetConfig>,
     /// The KVM device.
     pub kvm_device: PathBuf,
 }
@@ -119,6 +207,8 @@ impl VmConfig {
             cmdline: String::new(),
             cpus: DEFAULT_CPUS,
             memory: DEFAULT_MEMORY,
+            disks: Vec::new(),
+            nets: Vec::new(),
             kvm_device: default_kvm_device(),
         }
     }
@@ -186,6 +276,42 @@ mod tests {
             "3K".parse::<MemSize>(),
             Err(ConfigError::UnalignedSize("3K".into()))
         );
+    }
+
+    #[test]
+    fn parses_disks_and_nets() {
+        assert_eq!(
+            "a.img,readonly".parse::<DiskConfig>(),
+            Ok(DiskConfig {
+                path: "a.img".into(),
+                read_only: true
+            })
+        );
+        assert_eq!(
+            "/x/b.img".parse::<DiskConfig>().map(|d| d.read_only),
+            Ok(false)
+        );
+        assert!(",readonly".parse::<DiskConfig>().is_err());
+        assert!("a.img,rw".parse::<DiskConfig>().is_err());
+        assert_eq!(
+            "tap=tap0,mac=02:00:00:00:00:0a".parse::<NetConfig>(),
+            Ok(NetConfig {
+                tap: "tap0".into(),
+                mac: Some([2, 0, 0, 0, 0, 0x0a])
+            })
+        );
+        assert_eq!("tap=t".parse::<NetConfig>().map(|n| n.mac), Ok(None));
+        for bad in [
+            "",
+            "tap=",
+            "mac=02:00:00:00:00:01",
+            "tap=t,mac=02:00:00:00:00",
+            "tap=t,mac=zz:00:00:00:00:01",
+            "tap=a23456789012345678",
+            "tap=t,x=1",
+        ] {
+            assert!(bad.parse::<NetConfig>().is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -8,13 +8,14 @@
 pub mod arch;
 pub mod config;
 pub mod console;
+pub mod device_manager;
 pub mod host;
 pub mod loader;
 pub mod stop;
 pub mod vmm;
 pub mod vstate;
 
-pub use config::{MemSize, VmConfig};
+pub use config::{DiskConfig, MemSize, NetConfig, VmConfig};
 pub use host::KvmFlavour;
 pub use stop::StopReason;
 pub use vmm::Vmm;
@@ -43,6 +44,25 @@ pub enum Error {
     /// The zero page or PVH start info could not be written.
     #[error(transparent)]
     BootParams(#[from] arch::x86_64::boot_params::BootParamsError),
+    /// A disk could not be opened.
+    #[error("--disk {}: {source}", path.display())]
+    Disk {
+        /// The image file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: loft_devices::virtio::block::BlockError,
+    },
+    /// A network interface could not be set up.
+    #[error("--net tap={tap}: {source}")]
+    Net {
+        /// The TAP device name.
+        tap: String,
+        /// Why.
+        source: loft_devices::virtio::net::NetError,
+    },
+    /// A device could not be placed.
+    #[error(transparent)]
+    DeviceManager(#[from] device_manager::DeviceManagerError),
     /// Devices could not be placed.
     #[error("cannot set up devices: {0}")]
     Devices(String),

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::{Args, Parser, Subcommand};
-use loft::config::{self, MemSize, VmConfig};
+use loft::config::{self, DiskConfig, MemSize, NetConfig, VmConfig};
 use loft::console::RawTerminal;
 use loft::Vmm;
 
@@ -40,6 +40,15 @@ struct RunArgs {
     /// Guest memory, e.g. 256M or 1G (a bare number is MiB)
     #[arg(long, value_name = "SIZE", default_value = "128M")]
     memory: MemSize,
+    /// A raw disk image as a virtio-blk disk (repeatable; the first disk is /dev/vda)
+    #[arg(long, value_name = "PATH[,readonly]")]
+    disk: Vec<DiskConfig>,
+    /// Boot from this ext4 image: the first disk, with root=/dev/vda rw
+    #[arg(long, value_name = "PATH")]
+    root: Option<PathBuf>,
+    /// A virtio-net interface on a host TAP device (repeatable)
+    #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
+    net: Vec<NetConfig>,
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -61,14 +70,32 @@ fn install_terminate_handlers() {
 fn vm_config(args: RunArgs) -> Result<VmConfig, loft::Error> {
     let (kernel, initrd) = match args.kernel {
         Some(k) => (k, args.initrd),
+        // The bundled initramfs would take precedence over a --root disk: leave it out then.
         None => {
             let (k, bundled_initrd) = config::bundled_guest()?;
-            (k, args.initrd.or(bundled_initrd))
+            let default_initrd = if args.root.is_some() {
+                None
+            } else {
+                bundled_initrd
+            };
+            (k, args.initrd.or(default_initrd))
         }
     };
+    let mut disks = Vec::new();
+    let mut cmdline = args.cmdline;
+    if let Some(root) = args.root {
+        disks.push(DiskConfig {
+            path: root,
+            read_only: false,
+        });
+        cmdline = format!("root=/dev/vda rw {cmdline}");
+    }
+    disks.extend(args.disk);
     Ok(VmConfig {
         initrd,
-        cmdline: args.cmdline,
+        cmdline,
+        disks,
+        nets: args.net,
         cpus: args.cpus,
         memory: args.memory,
         ..VmConfig::new(kernel)

@@ -11,6 +11,9 @@ use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use loft_devices::i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
 use loft_devices::serial::{ConsoleOut, SerialConsole, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
+use loft_devices::virtio::block::Block;
+use loft_devices::virtio::net::Net;
+use loft_devices::virtio::VirtioMmioDevice;
 use loft_devices::Bus;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -20,6 +23,7 @@ use crate::arch::x86_64::regs::EntryPoint;
 use crate::arch::x86_64::{boot_params, layout, mptable};
 use crate::config::{ConfigError, VmConfig};
 use crate::console::ConsoleInput;
+use crate::device_manager::DeviceManager;
 use crate::host::KvmFlavour;
 use crate::loader;
 use crate::stop::{StopNotifier, StopReason};
@@ -113,8 +117,14 @@ impl Vmm {
             }
             None => None,
         };
+        let mut event_manager =
+            EventManager::<Subscriber>::new().map_err(|e| Error::EventLoop(e.to_string()))?;
+        let mut devices = DeviceManager::new();
+        add_virtio_devices(config, &vm_fd, &mem, &mut event_manager, &mut devices)?;
+
         let host_params = flavour.guest_cmdline();
-        let cmdline = loader::build_cmdline(&config.cmdline, host_params, &[])?;
+        let cmdline =
+            loader::build_cmdline(&config.cmdline, host_params, devices.cmdline_entries())?;
         let cmdline_text = cmdline
             .as_cstring()
             .map_err(|e| loader::LoaderError::CmdlineInvalid(e.to_string()))?
@@ -275,6 +285,34 @@ impl Vmm {
     fn stop_requested(&self) -> bool {
         self.fired.load(Ordering::Acquire)
     }
+}
+
+/// Creates the disks and network interfaces the config asks for, in order.
+fn add_virtio_devices(
+    config: &VmConfig,
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    event_manager: &mut EventManager<Subscriber>,
+    devices: &mut DeviceManager,
+) -> Result<(), Error> {
+    let virtio = |e: loft_devices::virtio::Error| Error::Devices(e.to_string());
+    for disk in &config.disks {
+        let block = Block::new(&disk.path, disk.read_only).map_err(|source| Error::Disk {
+            path: disk.path.clone(),
+            source,
+        })?;
+        let dev = VirtioMmioDevice::new(block, mem.clone()).map_err(virtio)?;
+        devices.add_virtio(vm, event_manager, dev)?;
+    }
+    for net in &config.nets {
+        let nic = Net::new(&net.tap, net.mac).map_err(|source| Error::Net {
+            tap: net.tap.clone(),
+            source,
+        })?;
+        let dev = VirtioMmioDevice::new(nic, mem.clone()).map_err(virtio)?;
+        devices.add_virtio(vm, event_manager, dev)?;
+    }
+    Ok(())
 }
 
 /// Stops every vCPU thread: sets the flag, then kicks each thread out of KVM_RUN until it ends.

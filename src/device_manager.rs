@@ -1,0 +1,177 @@
+//! Places devices in the guest: MMIO windows and IRQ lines from allocators, KVM ioeventfds and
+//! irqfds for virtio queues and interrupts, and the kernel command-line entries that tell the
+//! guest where each virtio-mmio device is.
+
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventManager, SubscriberOps};
+use kvm_ioctls::{IoEventAddress, VmFd};
+use loft_devices::virtio::{VirtioMmioDevice, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
+use loft_devices::Bus;
+use vm_allocator::{AddressAllocator, AllocPolicy, IdAllocator};
+
+use crate::arch::x86_64::{layout, mptable};
+use crate::vmm::Subscriber;
+
+/// First IRQ line for virtio devices: 0-4 are the PIT, keyboard, cascade and COM1/COM2.
+const FIRST_VIRTIO_IRQ: u32 = 5;
+/// Size of the MMIO range handed to virtio devices.
+const VIRTIO_MMIO_SIZE: u64 = layout::IOAPIC_ADDR - layout::VIRTIO_MMIO_START;
+
+/// Errors placing devices.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceManagerError {
+    /// No MMIO window or IRQ line left.
+    #[error("no room for another device: {0}")]
+    Exhausted(vm_allocator::Error),
+    /// The bus refused the window.
+    #[error("cannot map the device: {0}")]
+    Bus(#[from] loft_devices::BusError),
+    /// KVM refused an ioeventfd or irqfd.
+    #[error("cannot connect the device to KVM ({what}): {source}")]
+    Kvm {
+        /// Which connection.
+        what: &'static str,
+        /// KVM's error.
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// Where a device landed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceSlot {
+    /// Base of its MMIO window.
+    pub addr: u64,
+    /// Its IRQ line (GSI).
+    pub irq: u32,
+}
+
+impl DeviceSlot {
+    /// The `virtio_mmio.device=` kernel parameter for this slot.
+    pub fn cmdline_entry(&self) -> String {
+        format!(
+            "virtio_mmio.device={}K@{:#x}:{}",
+            MMIO_WINDOW_SIZE / 1024,
+            self.addr,
+            self.irq
+        )
+    }
+}
+
+/// Hands out MMIO windows and IRQs and keeps the MMIO bus.
+pub struct DeviceManager {
+    mmio: Bus,
+    addresses: AddressAllocator,
+    irqs: IdAllocator,
+    cmdline: Vec<String>,
+}
+
+impl DeviceManager {
+    /// An empty manager covering the virtio MMIO range and IRQs 5..23.
+    pub fn new() -> Self {
+        Self {
+            mmio: Bus::new(),
+            // Both ranges are constants that fit: these cannot fail.
+            addresses: AddressAllocator::new(layout::VIRTIO_MMIO_START, VIRTIO_MMIO_SIZE)
+                .expect("virtio MMIO range is valid"),
+            irqs: IdAllocator::new(FIRST_VIRTIO_IRQ, u32::from(mptable::IOAPIC_PINS) - 1)
+                .expect("virtio IRQ range is valid"),
+            cmdline: Vec::new(),
+        }
+    }
+
+    /// Reserves a window and an IRQ line.
+    pub fn allocate(&mut self) -> Result<DeviceSlot, DeviceManagerError> {
+        let range = self
+            .addresses
+            .allocate(MMIO_WINDOW_SIZE, MMIO_WINDOW_SIZE, AllocPolicy::FirstMatch)
+            .map_err(DeviceManagerError::Exhausted)?;
+        let irq = self
+            .irqs
+            .allocate_id()
+            .map_err(DeviceManagerError::Exhausted)?;
+        Ok(DeviceSlot {
+            addr: range.start(),
+            irq,
+        })
+    }
+
+    /// Wires a virtio-mmio device: window on the bus, queue notifications as ioeventfds,
+    /// interrupt as an irqfd, processing on the event loop.
+    pub fn add_virtio(
+        &mut self,
+        vm: &VmFd,
+        event_manager: &mut EventManager<Subscriber>,
+        device: VirtioMmioDevice,
+    ) -> Result<DeviceSlot, DeviceManagerError> {
+        let slot = self.allocate()?;
+        let kvm = |what| move |source| DeviceManagerError::Kvm { what, source };
+        for (evt, datamatch) in &device.queue_evts {
+            let addr = IoEventAddress::Mmio(slot.addr + QUEUE_NOTIFY_OFFSET);
+            vm.register_ioevent(evt, &addr, *datamatch)
+                .map_err(kvm("queue notification"))?;
+        }
+        vm.register_irqfd(&device.irq_evt, slot.irq)
+            .map_err(kvm("interrupt"))?;
+        let transport: Arc<Mutex<dyn loft_devices::BusDevice>> = device.transport;
+        self.mmio.insert(transport, slot.addr, MMIO_WINDOW_SIZE)?;
+        event_manager.add_subscriber(device.subscriber);
+        self.cmdline.push(slot.cmdline_entry());
+        Ok(slot)
+    }
+
+    /// The kernel command-line entries for the devices added so far.
+    pub fn cmdline_entries(&self) -> &[String] {
+        &self.cmdline
+    }
+
+    /// The MMIO bus, for the vCPUs.
+    pub fn into_bus(self) -> Bus {
+        self.mmio
+    }
+}
+
+impl Default for DeviceManager {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_distinct_page_windows_with_distinct_irqs() {
+        let mut dm = DeviceManager::new();
+        let a = dm.allocate().unwrap();
+        let b = dm.allocate().unwrap();
+        assert_eq!(
+            a,
+            DeviceSlot {
+                addr: 0xd000_0000,
+                irq: 5
+            }
+        );
+        assert_eq!(
+            b,
+            DeviceSlot {
+                addr: 0xd000_1000,
+                irq: 6
+            }
+        );
+        assert_eq!(a.cmdline_entry(), "virtio_mmio.device=4K@0xd0000000:5");
+    }
+
+    #[test]
+    fn irqs_run_out_cleanly() {
+        let mut dm = DeviceManager::new();
+        for _ in FIRST_VIRTIO_IRQ..24 {
+            dm.allocate().unwrap();
+        }
+        assert!(matches!(
+            dm.allocate(),
+            Err(DeviceManagerError::Exhausted(_))
+        ));
+    }
+}

@@ -1,0 +1,145 @@
+//! Boot real guests and check what they report from user space.
+//!
+//! Each boot checks several things at once (boots are slow on the nested hosts used here). The
+//! guest's /init runs `guest_cmd` and prints the results; the kernel's own log line with the
+//! command line cannot be mistaken for them, because there the `$(...)` are not expanded.
+
+mod common;
+
+use common::{boot, guest_file, Outcome, BOOT_TIMEOUT};
+
+/// A guest command that prints what the tests check, on one line.
+const REPORT: &str = "echo REPORT cpus=$(grep -c ^processor /proc/cpuinfo) \
+memkb=$(awk '/MemTotal/{print $2}' /proc/meminfo) \
+marker=$(grep -o loft_marker=[a-z0-9]* /proc/cmdline)";
+
+fn cmdline(marker: &str) -> String {
+    format!("loft_marker={marker} guest_cmd=\"{REPORT}\"")
+}
+
+fn report_field(o: &Outcome, key: &str) -> String {
+    let line = o
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("REPORT "))
+        .unwrap_or_else(|| panic!("the guest printed no REPORT line\n{}", o.tail()));
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("REPORT line {line:?} lacks {key}"))
+        .to_string()
+}
+
+fn assert_reached_user_space(o: &Outcome) {
+    o.assert_clean_exit();
+    assert!(
+        o.stdout.contains("GUEST-INIT-READY"),
+        "no init ready marker\n{}",
+        o.tail()
+    );
+    assert!(
+        o.stdout.contains("GUEST-CMD-EXIT=0"),
+        "guest command failed\n{}",
+        o.tail()
+    );
+    // The initramfs was found and unpacked: init ran from it, and the kernel freed it.
+    assert!(
+        o.stdout.contains("Freeing initrd memory"),
+        "initrd not used\n{}",
+        o.tail()
+    );
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        assert_eq!(
+            o.stderr.matches("host KVM is kvm_pvm").count(),
+            1,
+            "loft should say once that it adapted to kvm_pvm\n{}",
+            o.stderr
+        );
+    }
+}
+
+fn mem_kib(o: &Outcome) -> u64 {
+    report_field(o, "memkb")
+        .parse()
+        .expect("MemTotal is a number")
+}
+
+#[test]
+fn elf_kernel_with_two_cpus_512m_initrd_and_cmdline() {
+    let kernel = guest_file("vmlinux");
+    let initrd = guest_file("initramfs.cpio");
+    let cl = cmdline("elf2cpu");
+    let o = boot(
+        &[
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--cpus",
+            "2",
+            "--memory",
+            "512M",
+            "--cmdline",
+            &cl,
+        ],
+        BOOT_TIMEOUT,
+    );
+    assert_reached_user_space(&o);
+    assert_eq!(
+        report_field(&o, "cpus"),
+        "2",
+        "the guest must bring up both vCPUs"
+    );
+    assert_eq!(
+        report_field(&o, "marker"),
+        "loft_marker=elf2cpu",
+        "the command line must reach the guest"
+    );
+    // MemTotal is RAM minus what the kernel keeps for itself: a little under 512 MiB.
+    let kib = mem_kib(&o);
+    assert!(
+        (440 * 1024..512 * 1024).contains(&kib),
+        "MemTotal {kib} KiB for a 512M guest"
+    );
+    assert!(
+        o.stdout
+            .contains("smpboot: Total of 2 processors activated")
+            || o.stdout.contains("Brought up 1 node, 2 CPUs"),
+        "the kernel must report 2 CPUs\n{}",
+        o.tail()
+    );
+}
+
+#[test]
+fn bzimage_with_4g_skips_the_mmio_gap() {
+    let kernel = guest_file("bzImage");
+    let initrd = guest_file("initramfs.cpio");
+    let cl = cmdline("bz4g");
+    let o = boot(
+        &[
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--memory",
+            "4G",
+            "--cmdline",
+            &cl,
+        ],
+        BOOT_TIMEOUT,
+    );
+    assert_reached_user_space(&o);
+    assert_eq!(report_field(&o, "cpus"), "1");
+    assert_eq!(report_field(&o, "marker"), "loft_marker=bz4g");
+    // 4 GiB of RAM, of which 1 GiB above the 4 GiB line: the guest sees about 4 GiB in all.
+    let kib = mem_kib(&o);
+    assert!(
+        (3900 * 1024..4096 * 1024).contains(&kib),
+        "MemTotal {kib} KiB for a 4G guest"
+    );
+    assert!(
+        o.stdout
+            .contains("BIOS-e820: [mem 0x0000000100000000-0x000000013fffffff] usable"),
+        "the e820 map must put the last GiB above 4 GiB\n{}",
+        o.tail()
+    );
+}
