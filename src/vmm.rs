@@ -167,10 +167,8 @@ impl Vmm {
                 )
             })
             .map_err(|e| Error::Devices(e.to_string()))?;
-        let mmio = Bus::new();
+        let mmio = devices.into_bus();
 
-        let mut event_manager =
-            EventManager::<Subscriber>::new().map_err(|e| Error::EventLoop(e.to_string()))?;
         let fired = Arc::new(AtomicBool::new(false));
         event_manager.add_subscriber(Arc::new(Mutex::new(StopWatch {
             notifier: notifier.clone(),
