@@ -6,17 +6,21 @@
 //! vCPUs), [`vmm`] (devices, the event loop, running and stopping).
 
 pub mod arch;
+pub mod boot_timer;
 pub mod config;
 pub mod console;
 pub mod device_manager;
 pub mod host;
 pub mod loader;
+pub mod sandbox;
 pub mod stop;
 pub mod vmm;
 pub mod vstate;
 
+pub use boot_timer::{BootTimes, Timeline};
 pub use config::{DiskConfig, MemSize, NetConfig, VmConfig};
 pub use host::KvmFlavour;
+pub use sandbox::{VmBuilder, VmHandle};
 pub use stop::StopReason;
 pub use vmm::Vmm;
 
@@ -69,6 +73,12 @@ pub enum Error {
     /// The event loop failed.
     #[error("event loop: {0}")]
     EventLoop(String),
+    /// The VM's result was already collected by an earlier wait.
+    #[error("the VM's result was already collected")]
+    AlreadyWaited,
+    /// The VMM thread panicked (a bug in loft).
+    #[error("the VMM thread panicked")]
+    VmmPanicked,
     /// A host resource (thread, eventfd, stdin) failed.
     #[error("cannot {what}: {source}")]
     Host {

@@ -3,8 +3,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
+use loft::boot_timer::{self, Timeline};
 use loft::config::{self, DiskConfig, MemSize, NetConfig, VmConfig};
 use loft::console::RawTerminal;
 use loft::Vmm;
@@ -49,6 +51,11 @@ struct RunArgs {
     /// A virtio-net interface on a host TAP device (repeatable)
     #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
     net: Vec<NetConfig>,
+    /// At exit, print one line to stderr with the wall and CPU milliseconds (since loft started)
+    /// at which the VM was built, first entered, the guest reached init and user space, asked
+    /// to stop, and loft was done
+    #[arg(long)]
+    boot_timer: bool,
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -103,15 +110,21 @@ fn vm_config(args: RunArgs) -> Result<VmConfig, loft::Error> {
 }
 
 fn run(args: RunArgs) -> Result<loft::StopReason, loft::Error> {
+    let print_times = args.boot_timer;
     let config = vm_config(args)?;
-    let mut vmm = Vmm::build(&config, Box::new(std::io::stdout()))?;
+    let timeline = Arc::new(Timeline::new(boot_timer::process_start()));
+    let mut vmm = Vmm::build_with_timeline(&config, Box::new(std::io::stdout()), timeline.clone())?;
     let _terminal = RawTerminal::enable_on_stdin().map_err(|source| loft::Error::Host {
         what: "put the terminal in raw mode",
         source,
     })?;
     vmm.attach_stdin()?;
     install_terminate_handlers();
-    vmm.run(&|| INTERRUPTED.load(Ordering::Acquire))
+    let result = vmm.run(&|| INTERRUPTED.load(Ordering::Acquire));
+    if print_times {
+        eprintln!("loft-boot-timer: {}", timeline.times());
+    }
+    result
 }
 
 /// Prints an error with its causes on one line.
@@ -130,6 +143,7 @@ fn report(e: &dyn std::error::Error) {
 }
 
 fn main() -> ExitCode {
+    boot_timer::process_start();
     env_logger::Builder::from_env(env_logger::Env::default().filter_or("LOFT_LOG", "info"))
         .format_target(false)
         .format_timestamp(None)

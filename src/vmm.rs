@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Cap, Kvm, VmFd};
+use loft_devices::boot_timer::{BootTimer, BOOT_TIMER_PORT, BOOT_TIMER_PORT_LEN};
 use loft_devices::i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
 use loft_devices::serial::{ConsoleOut, SerialConsole, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
 use loft_devices::virtio::block::Block;
@@ -21,6 +22,7 @@ use vmm_sys_util::signal::Killable;
 
 use crate::arch::x86_64::regs::EntryPoint;
 use crate::arch::x86_64::{boot_params, layout, mptable};
+use crate::boot_timer::{self, Timeline};
 use crate::config::{ConfigError, VmConfig};
 use crate::console::ConsoleInput;
 use crate::device_manager::DeviceManager;
@@ -51,12 +53,14 @@ pub struct Vmm {
     _mem: GuestMemoryMmap,
     flavour: KvmFlavour,
     cmdline: String,
+    timeline: Arc<Timeline>,
 }
 
 /// Wakes the event loop when a stop is requested.
 struct StopWatch {
     notifier: Arc<StopNotifier>,
     fired: Arc<AtomicBool>,
+    timeline: Arc<Timeline>,
 }
 
 impl MutEventSubscriber for StopWatch {
@@ -68,6 +72,7 @@ impl MutEventSubscriber for StopWatch {
 
     fn process(&mut self, _: Events, _: &mut EventOps) {
         let _ = self.notifier.event().read();
+        self.timeline.mark(|t| &mut t.stop_request);
         self.fired.store(true, Ordering::Release);
     }
 }
@@ -82,8 +87,17 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
 
 impl Vmm {
     /// Builds the VM: checks the inputs, loads the guest, creates devices and vCPUs. Nothing
-    /// runs yet. The guest's console output goes to `console`.
+    /// runs yet. The guest's console output goes to `console`. Times count from now.
     pub fn build(config: &VmConfig, console: ConsoleOut) -> Result<Self, Error> {
+        Self::build_with_timeline(config, console, Arc::new(Timeline::new(Instant::now())))
+    }
+
+    /// [`Vmm::build`], recording the run's phases in `timeline`.
+    pub fn build_with_timeline(
+        config: &VmConfig,
+        console: ConsoleOut,
+        timeline: Arc<Timeline>,
+    ) -> Result<Self, Error> {
         if config.cpus == 0 {
             return Err(ConfigError::NoCpus.into());
         }
@@ -123,8 +137,9 @@ impl Vmm {
         add_virtio_devices(config, &vm_fd, &mem, &mut event_manager, &mut devices)?;
 
         let host_params = flavour.guest_cmdline();
-        let cmdline =
-            loader::build_cmdline(&config.cmdline, host_params, devices.cmdline_entries())?;
+        let mut loft_params = vec![format!("loft_boot_timer={BOOT_TIMER_PORT:#x}")];
+        loft_params.extend_from_slice(devices.cmdline_entries());
+        let cmdline = loader::build_cmdline(&config.cmdline, host_params, &loft_params)?;
         let cmdline_text = cmdline
             .as_cstring()
             .map_err(|e| loader::LoaderError::CmdlineInvalid(e.to_string()))?
@@ -167,12 +182,20 @@ impl Vmm {
                 )
             })
             .map_err(|e| Error::Devices(e.to_string()))?;
+        let boot_timer = BootTimer::new(timeline.guest.clone(), boot_timer::process_cpu);
+        pio.insert(
+            Arc::new(Mutex::new(boot_timer)),
+            BOOT_TIMER_PORT,
+            BOOT_TIMER_PORT_LEN,
+        )
+        .map_err(|e| Error::Devices(e.to_string()))?;
         let mmio = devices.into_bus();
 
         let fired = Arc::new(AtomicBool::new(false));
         event_manager.add_subscriber(Arc::new(Mutex::new(StopWatch {
             notifier: notifier.clone(),
             fired: fired.clone(),
+            timeline: timeline.clone(),
         })));
 
         vcpu::install_kick_handler()?;
@@ -190,6 +213,7 @@ impl Vmm {
             base_cpuid: &base_cpuid,
             tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
             count: config.cpus as u8,
+            timeline: timeline.clone(),
         };
         let vcpus = (0..config.cpus as u8)
             .map(|id| Vcpu::new(&ctx, id, loaded.entry))
@@ -207,7 +231,9 @@ impl Vmm {
             loaded.entry
         );
 
+        timeline.mark(|t| &mut t.vm_built);
         Ok(Self {
+            timeline,
             vcpus,
             event_manager,
             notifier,
@@ -225,6 +251,11 @@ impl Vmm {
     /// The KVM flavour of this host.
     pub fn flavour(&self) -> KvmFlavour {
         self.flavour
+    }
+
+    /// The phases of this run so far.
+    pub fn timeline(&self) -> Arc<Timeline> {
+        self.timeline.clone()
     }
 
     /// The kernel command line the guest gets.
@@ -277,6 +308,7 @@ impl Vmm {
             }
         };
         stop_vcpus(&self.stop, handles);
+        self.timeline.mark(|t| &mut t.exit);
         result
     }
 

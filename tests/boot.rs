@@ -143,3 +143,46 @@ fn bzimage_with_4g_skips_the_mmio_gap() {
         o.tail()
     );
 }
+
+/// The console path and the exit path, in milliseconds: a tiny kernel prints on COM1 and pulses
+/// the i8042 reset line.
+#[test]
+fn tiny_guest_output_reaches_stdout_and_its_reset_ends_loft() {
+    common::require_kvm();
+    let kernel = common::tiny_kernel::write(
+        "hello.elf",
+        &common::tiny_kernel::print_and_reset(b"tiny guest says hi\n"),
+    );
+    let mut cmd = common::loft();
+    cmd.args([
+        "run",
+        "--boot-timer",
+        "--memory",
+        "32M",
+        "--kernel",
+        kernel.to_str().unwrap(),
+    ]);
+    let o = common::run(cmd, std::time::Duration::from_secs(60));
+    o.assert_clean_exit();
+    assert_eq!(o.stdout, "tiny guest says hi\n");
+    let timer = o
+        .stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("loft-boot-timer: "))
+        .unwrap_or_else(|| panic!("no boot-timer line\n{}", o.stderr));
+    for phase in ["vm_built=", "first_entry=", "stop_request=", "exit="] {
+        let value = timer
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(phase))
+            .unwrap();
+        let wall: f64 = value
+            .split('/')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap_or_else(|_| panic!("{timer}"));
+        assert!(wall > 0.0, "{phase} in {timer}");
+    }
+    // The tiny kernel is not Linux: it never reaches init.
+    assert!(timer.contains("kernel_init=- user_init=-"), "{timer}");
+}

@@ -7,6 +7,7 @@
 //! Devices are reached through a [`bus::Bus`]: the VMM keeps one bus for port I/O and one for
 //! MMIO, and forwards each vCPU exit to the device whose range holds the address.
 
+pub mod boot_timer;
 pub mod bus;
 pub mod i8042;
 pub mod serial;

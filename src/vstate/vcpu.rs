@@ -13,6 +13,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::arch::x86_64::{cpuid, msrs, regs};
+use crate::boot_timer::Timeline;
 use crate::stop::{StopNotifier, StopReason};
 
 /// Errors setting up a vCPU.
@@ -85,6 +86,7 @@ pub struct Vcpu {
     stop: Arc<AtomicBool>,
     notifier: Arc<StopNotifier>,
     unknown_accesses: u32,
+    timeline: Option<Arc<Timeline>>,
 }
 
 /// What the VM shares with each of its vCPUs.
@@ -107,6 +109,8 @@ pub struct VcpuContext<'a> {
     pub tsc_deadline: bool,
     /// Number of vCPUs in the VM.
     pub count: u8,
+    /// Where vCPU 0 marks its first entry into the guest.
+    pub timeline: Arc<Timeline>,
 }
 
 impl Vcpu {
@@ -147,6 +151,7 @@ impl Vcpu {
             stop: ctx.stop.clone(),
             notifier: ctx.notifier.clone(),
             unknown_accesses: 0,
+            timeline: (id == 0).then(|| ctx.timeline.clone()),
         })
     }
 
@@ -167,6 +172,9 @@ impl Vcpu {
 
     /// Runs the vCPU until the VM stops. Every way out reports a reason to the notifier.
     pub fn run(mut self) {
+        if let Some(t) = self.timeline.take() {
+            t.mark(|t| &mut t.first_entry);
+        }
         loop {
             if self.stop.load(Ordering::Acquire) {
                 return;

@@ -1,6 +1,8 @@
 //! Shared helpers for tests that run the `loft` binary and boot real guests.
 #![allow(dead_code)]
 
+pub mod tiny_kernel;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

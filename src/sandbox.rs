@@ -1,0 +1,399 @@
+//! loft as a library: build a VM, start it, and keep control of it through a handle.
+//!
+//! Every VM runs on threads of its own (one for its event loop, one per vCPU) with its own file
+//! descriptors; many VMs can run at once in one process. When a VM stops, or its handle is
+//! dropped, all of them are released.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use loft::sandbox::VmBuilder;
+//!
+//! let mut vm = VmBuilder::new()                     // the bundled guest (firmware/build.sh)
+//!     .cpus(2)
+//!     .memory_mib(256)
+//!     .cmdline(r#"guest_cmd="echo hello from the guest""#)
+//!     .capture_console()
+//!     .start()?;                                    // returns at once; the guest boots
+//! let reason = match vm.wait_timeout(Duration::from_secs(300))? {
+//!     Some(reason) => reason,
+//!     None => vm.kill()?,                           // still running: stop it now
+//! };
+//! println!("{reason}: {}", String::from_utf8_lossy(&vm.console_output()));
+//! # Ok::<(), loft::Error>(())
+//! ```
+
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use loft_devices::bus::lock;
+
+use crate::boot_timer::{BootTimes, Timeline};
+use crate::config::{self, DiskConfig, MemSize, NetConfig, VmConfig};
+use crate::stop::{StopNotifier, StopReason};
+use crate::{Error, Vmm};
+
+/// Where the guest's console output goes.
+enum Console {
+    Discard,
+    Capture,
+    Writer(Box<dyn Write + Send>),
+}
+
+/// Describes a VM; [`VmBuilder::start`] builds and starts it.
+pub struct VmBuilder {
+    kernel: Option<PathBuf>,
+    initrd: Option<PathBuf>,
+    rootfs: Option<PathBuf>,
+    config: VmConfig,
+    console: Console,
+}
+
+impl Default for VmBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl VmBuilder {
+    /// One vCPU, 128 MiB, the bundled guest's kernel and initramfs, console discarded.
+    pub fn new() -> Self {
+        Self {
+            kernel: None,
+            initrd: None,
+            rootfs: None,
+            config: VmConfig::new(PathBuf::new()),
+            console: Console::Discard,
+        }
+    }
+
+    /// Boots this kernel (ELF vmlinux or bzImage) instead of the bundled one.
+    pub fn kernel(mut self, path: impl Into<PathBuf>) -> Self {
+        self.kernel = Some(path.into());
+        self
+    }
+
+    /// Uses this initramfs.
+    pub fn initrd(mut self, path: impl Into<PathBuf>) -> Self {
+        self.initrd = Some(path.into());
+        self
+    }
+
+    /// Boots from this ext4 image as `/dev/vda` (`root=/dev/vda rw`), without an initramfs
+    /// unless one is given explicitly.
+    pub fn rootfs(mut self, path: impl Into<PathBuf>) -> Self {
+        self.rootfs = Some(path.into());
+        self
+    }
+
+    /// Adds a virtio-blk disk (after the rootfs, if any).
+    pub fn disk(mut self, path: impl Into<PathBuf>, read_only: bool) -> Self {
+        self.config.disks.push(DiskConfig {
+            path: path.into(),
+            read_only,
+        });
+        self
+    }
+
+    /// Adds a virtio-net NIC on the host TAP device `tap`.
+    pub fn net(mut self, tap: impl Into<String>, mac: Option<[u8; 6]>) -> Self {
+        self.config.nets.push(NetConfig {
+            tap: tap.into(),
+            mac,
+        });
+        self
+    }
+
+    /// Number of vCPUs.
+    pub fn cpus(mut self, cpus: u32) -> Self {
+        self.config.cpus = cpus;
+        self
+    }
+
+    /// Guest RAM in MiB.
+    pub fn memory_mib(mut self, mib: u64) -> Self {
+        self.config.memory = MemSize(mib << 20);
+        self
+    }
+
+    /// Appends to the kernel command line (words after ` -- ` go to the guest's init).
+    pub fn cmdline(mut self, cmdline: impl AsRef<str>) -> Self {
+        if !self.config.cmdline.is_empty() {
+            self.config.cmdline.push(' ');
+        }
+        self.config.cmdline.push_str(cmdline.as_ref());
+        self
+    }
+
+    /// Keeps the console output in memory, for [`VmHandle::console_output`].
+    pub fn capture_console(mut self) -> Self {
+        self.console = Console::Capture;
+        self
+    }
+
+    /// Streams the console output to `writer` as the guest writes it.
+    pub fn console_writer(mut self, writer: impl Write + Send + 'static) -> Self {
+        self.console = Console::Writer(Box::new(writer));
+        self
+    }
+
+    /// Streams the console output to `callback`, a few bytes at a time.
+    pub fn console_callback(self, callback: impl FnMut(&[u8]) + Send + 'static) -> Self {
+        self.console_writer(CallbackWriter(callback))
+    }
+
+    /// The configuration this builder describes, with the bundled guest filled in.
+    pub fn config(&self) -> Result<VmConfig, Error> {
+        let mut config = self.config.clone();
+        let (kernel, bundled_initrd) = match &self.kernel {
+            Some(k) => (k.clone(), None),
+            None => config::bundled_guest()?,
+        };
+        config.kernel = kernel;
+        config.initrd = self.initrd.clone().or(if self.rootfs.is_some() {
+            None
+        } else {
+            bundled_initrd
+        });
+        if let Some(root) = &self.rootfs {
+            config.disks.insert(
+                0,
+                DiskConfig {
+                    path: root.clone(),
+                    read_only: false,
+                },
+            );
+            config.cmdline = format!("root=/dev/vda rw {}", config.cmdline);
+        }
+        Ok(config)
+    }
+
+    /// Builds the VM and starts it on threads of its own. Returns once the VM is built (all
+    /// input checked, guest loaded); the guest then boots in the background.
+    pub fn start(self) -> Result<VmHandle, Error> {
+        let config = self.config()?;
+        let captured = Arc::new(Mutex::new(Vec::new()));
+        let out: Box<dyn Write + Send> = match self.console {
+            Console::Discard => Box::new(io::sink()),
+            Console::Capture => Box::new(SharedBuffer(captured.clone())),
+            Console::Writer(w) => w,
+        };
+        let timeline = Arc::new(Timeline::new(Instant::now()));
+        let vmm = Vmm::build_with_timeline(&config, out, timeline.clone())?;
+        let stopper = vmm.stop_handle();
+        let done = Arc::new(Done::default());
+        let thread = {
+            let done = done.clone();
+            std::thread::Builder::new()
+                .name("loft-vmm".into())
+                .spawn(move || {
+                    let result = vmm.run(&|| false);
+                    done.finish();
+                    result
+                })
+                .map_err(|source| Error::Host {
+                    what: "start the VMM thread",
+                    source,
+                })?
+        };
+        Ok(VmHandle {
+            stopper,
+            thread: Some(thread),
+            done,
+            captured,
+            timeline,
+        })
+    }
+}
+
+/// Set once the VMM thread is about to return.
+#[derive(Default)]
+struct Done {
+    finished: Mutex<bool>,
+    cond: Condvar,
+}
+
+impl Done {
+    fn finish(&self) {
+        *lock(&self.finished) = true;
+        self.cond.notify_all();
+    }
+
+    /// Waits until finished or `timeout` passes; returns whether finished.
+    fn wait(&self, timeout: Option<Duration>) -> bool {
+        let mut finished = lock(&self.finished);
+        let deadline = timeout.map(|t| Instant::now() + t);
+        while !*finished {
+            match deadline {
+                None => finished = self.cond.wait(finished).unwrap_or_else(|e| e.into_inner()),
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return false;
+                    }
+                    finished = self
+                        .cond
+                        .wait_timeout(finished, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+            }
+        }
+        true
+    }
+}
+
+/// A running (or stopped) VM.
+///
+/// Dropping the handle stops the VM and releases its threads and file descriptors.
+pub struct VmHandle {
+    stopper: Arc<StopNotifier>,
+    thread: Option<JoinHandle<Result<StopReason, Error>>>,
+    done: Arc<Done>,
+    captured: Arc<Mutex<Vec<u8>>>,
+    timeline: Arc<Timeline>,
+}
+
+impl VmHandle {
+    /// Waits for the VM to stop and says why. After the first call that returns the reason,
+    /// later calls return [`Error::AlreadyWaited`].
+    pub fn wait(&mut self) -> Result<StopReason, Error> {
+        self.done.wait(None);
+        self.collect()
+    }
+
+    /// Waits at most `timeout`: `Ok(None)` when the VM is still running then.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<StopReason>, Error> {
+        if self.thread.is_some() && !self.done.wait(Some(timeout)) {
+            return Ok(None);
+        }
+        self.collect().map(Some)
+    }
+
+    /// Whether the VM has stopped.
+    pub fn is_finished(&self) -> bool {
+        self.done.wait(Some(Duration::ZERO))
+    }
+
+    /// Asks the VM to stop and returns at once. The vCPUs are stopped wherever they are (loft
+    /// guests have no ACPI to shut down gracefully); [`VmHandle::wait`] then says
+    /// [`StopReason::Stopped`] unless the guest had already stopped by itself.
+    pub fn stop(&self) {
+        self.stopper.notify(StopReason::Stopped);
+    }
+
+    /// Stops the VM and waits for its threads to end.
+    pub fn kill(&mut self) -> Result<StopReason, Error> {
+        self.stop();
+        self.wait()
+    }
+
+    /// The console output so far (with [`VmBuilder::capture_console`]).
+    pub fn console_output(&self) -> Vec<u8> {
+        lock(&self.captured).clone()
+    }
+
+    /// When the phases of this run happened, counted from [`VmBuilder::start`].
+    pub fn boot_times(&self) -> BootTimes {
+        self.timeline.times()
+    }
+
+    fn collect(&mut self) -> Result<StopReason, Error> {
+        let thread = self.thread.take().ok_or(Error::AlreadyWaited)?;
+        match thread.join() {
+            Ok(result) => result,
+            Err(_) => Err(Error::VmmPanicked),
+        }
+    }
+}
+
+impl Drop for VmHandle {
+    fn drop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            self.stopper.notify(StopReason::Stopped);
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Most console bytes kept in memory: the guest decides how much it prints, so only the last
+/// part is kept.
+pub const CONSOLE_CAPTURE_LIMIT: usize = 8 << 20;
+
+/// Console output kept in memory, the last [`CONSOLE_CAPTURE_LIMIT`] bytes of it.
+struct SharedBuffer(Arc<Mutex<Vec<u8>>>);
+
+impl Write for SharedBuffer {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut kept = lock(&self.0);
+        kept.extend_from_slice(buf);
+        if kept.len() > CONSOLE_CAPTURE_LIMIT {
+            let excess = kept.len() - CONSOLE_CAPTURE_LIMIT / 2;
+            kept.drain(..excess);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn captured_console_keeps_the_latest_output_within_the_limit() {
+        let shared = Arc::new(Mutex::new(Vec::new()));
+        let mut buf = SharedBuffer(shared.clone());
+        let chunk = vec![b'a'; 1 << 20];
+        for _ in 0..20 {
+            buf.write_all(&chunk).unwrap();
+        }
+        buf.write_all(b"last words").unwrap();
+        let kept = shared.lock().unwrap();
+        assert!(kept.len() <= CONSOLE_CAPTURE_LIMIT);
+        assert!(kept.ends_with(b"last words"));
+    }
+
+    #[test]
+    fn builder_fills_in_the_rootfs_as_first_disk() {
+        let b = VmBuilder::new()
+            .kernel("/k")
+            .disk("/d.img", true)
+            .rootfs("/root.ext4")
+            .cmdline("quiet");
+        let c = b.config().unwrap();
+        assert_eq!(c.disks[0].path, PathBuf::from("/root.ext4"));
+        assert_eq!(c.disks[1].path, PathBuf::from("/d.img"));
+        assert!(c.disks[1].read_only);
+        assert_eq!(c.cmdline, "root=/dev/vda rw quiet");
+        assert_eq!(c.initrd, None);
+    }
+
+    #[test]
+    fn done_times_out_then_finishes() {
+        let d = Done::default();
+        assert!(!d.wait(Some(Duration::from_millis(5))));
+        d.finish();
+        assert!(d.wait(None));
+        assert!(d.wait(Some(Duration::ZERO)));
+    }
+}
+
+/// Adapts a callback to `Write`.
+struct CallbackWriter<F>(F);
+
+impl<F: FnMut(&[u8]) + Send> Write for CallbackWriter<F> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        (self.0)(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
