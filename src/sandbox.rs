@@ -341,6 +341,20 @@ impl Write for SharedBuffer {
     }
 }
 
+/// Adapts a callback to `Write`.
+struct CallbackWriter<F>(F);
+
+impl<F: FnMut(&[u8]) + Send> Write for CallbackWriter<F> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        (self.0)(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -381,19 +395,5 @@ mod tests {
         d.finish();
         assert!(d.wait(None));
         assert!(d.wait(Some(Duration::ZERO)));
-    }
-}
-
-/// Adapts a callback to `Write`.
-struct CallbackWriter<F>(F);
-
-impl<F: FnMut(&[u8]) + Send> Write for CallbackWriter<F> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        (self.0)(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
     }
 }
