@@ -1,4 +1,4 @@
-//! Virtio devices (block, net) over the virtio-mmio transport.
+//! Virtio devices (block, net, vsock) over the virtio-mmio transport.
 //!
 //! # Wiring contract
 //!
@@ -35,6 +35,7 @@ pub mod chain;
 pub mod mmio;
 pub mod net;
 pub mod tap;
+pub mod vsock;
 
 #[cfg(test)]
 mod testing;

@@ -1,0 +1,405 @@
+//! virtio-vsock, with the host side as Unix sockets in Firecracker's convention.
+//!
+//! Queues: 0 receives (device to guest), 1 transmits, 2 carries events (never used: there is no
+//! live migration to announce). The config space is the guest's CID (`le64`). Only stream
+//! sockets are offered (no SEQPACKET feature); other socket types get RST.
+//!
+//! Host side: a process connects to the Unix socket given to [`Vsock::new`] and
+//! writes `CONNECT <port>\n` to reach guest port `port`, then reads `OK <host port>\n` once the
+//! guest accepted; the guest reaching host port P connects to the Unix socket `<path>_P`. This
+//! is what Firecracker does, so its tooling works unchanged.
+//!
+//! TX: each chain is one packet, all device-readable: the 44-byte header, then `len` payload
+//! bytes. A chain that is malformed (wrong direction, outside memory, no end, shorter than a
+//! header) is returned unanswered. A header whose `len` exceeds the chain or [`MAX_PAYLOAD`] is
+//! refused before any payload is read (nothing is ever allocated for it) and answered with RST,
+//! as are packets to other CIDs, other socket types, unknown operations and connections that do
+//! not exist. Packets with a source CID other than the guest's are dropped.
+//!
+//! RX: each chain (all device-writable, room for at least a header) gets one packet: RSTs first,
+//! then each connection in turn. Data read from a host stream never exceeds the guest's credit
+//! or the buffer. With no RX buffer, packets wait and host streams are not read.
+//!
+//! Flow control toward the host: the guest's data is written to the host stream at once; what
+//! does not fit waits in a per-connection buffer of [`BUF_ALLOC`] bytes, which is the credit the
+//! guest is given, so a guest that overruns it is reset. All streams are non-blocking and all
+//! work runs on the event loop.
+//!
+//! Limits: at most [`MAX_CONNECTIONS`] connections (host ones past it are closed at once, guest
+//! ones get RST); a host-initiated REQUEST waits [`REQUEST_TIMEOUT`] for the guest's answer; a
+//! connection closing on one side is reset after [`SHUTDOWN_TIMEOUT`] if the other side does not
+//! finish.
+//!
+//! Wiring is that of every virtio device here:
+//! `VirtioMmioDevice::new(Vsock::new(cid, "/run/vm.vsock")?, mem)`, then the transport on the
+//! MMIO bus, the subscriber on the event loop, the queue eventfds as ioeventfds and the irq
+//! eventfd as an irqfd (see [`super`]).
+
+mod connection;
+mod muxer;
+pub mod packet;
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use log::{debug, error};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::chain::Chain;
+use super::{check_activation, queue_eventfds, Active, Interrupt, VirtioDevice};
+use muxer::Muxer;
+use packet::{PacketError, HDR_LEN};
+
+pub use connection::BUF_ALLOC;
+pub use muxer::{FIRST_LOCAL_PORT, MAX_CONNECTIONS, REQUEST_TIMEOUT, SHUTDOWN_TIMEOUT};
+pub use packet::{HOST_CID, MAX_PAYLOAD};
+
+/// Size of each queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Index of the receive queue.
+pub const RX_QUEUE: usize = 0;
+/// Index of the transmit queue.
+pub const TX_QUEUE: usize = 1;
+/// Index of the event queue.
+pub const EVENT_QUEUE: usize = 2;
+/// Event data of the host side's epoll fd (queues use their index).
+const BACKEND_EVENT: u32 = 3;
+/// Packets handled per call before yielding to the rest of the event loop.
+const BUDGET: usize = 256;
+
+/// Errors from creating a vsock device.
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    /// The CID is reserved (0, 1, 2, `u32::MAX`) or does not fit 32 bits.
+    #[error("guest CID {0} is reserved or out of range (3 to 4294967294)")]
+    InvalidCid(u64),
+    /// A stale socket file could not be removed.
+    #[error("cannot remove stale vsock socket {path}: {source}")]
+    RemoveStale {
+        /// Path of the socket.
+        path: PathBuf,
+        /// OS error.
+        source: io::Error,
+    },
+    /// The listening socket could not be bound.
+    #[error("cannot bind vsock socket {path}: {source}")]
+    Bind {
+        /// Path of the socket.
+        path: PathBuf,
+        /// OS error.
+        source: io::Error,
+    },
+    /// The epoll set or timer of the host side could not be set up.
+    #[error("vsock event setup: {0}")]
+    Epoll(#[source] io::Error),
+    /// The virtio plumbing (eventfds) could not be set up.
+    #[error("virtio-vsock setup: {0}")]
+    Virtio(#[from] super::Error),
+}
+
+/// A virtio-vsock device.
+pub struct Vsock {
+    guest_cid: u64,
+    muxer: Muxer,
+    features: u64,
+    config: Vec<u8>,
+    queue_max_sizes: [u16; 3],
+    queue_evts: Vec<EventFd>,
+    interrupt: Arc<Interrupt>,
+    active: Option<Active>,
+    /// One packet, header and payload, on its way in or out.
+    bounce: Vec<u8>,
+    /// TX stopped because answers wait for RX buffers.
+    tx_stalled: bool,
+}
+
+impl Vsock {
+    /// A device for a guest with CID `guest_cid`, listening on the Unix socket `uds_path` for
+    /// host connections (a stale socket file there is replaced; the file is removed on drop).
+    pub fn new(guest_cid: u64, uds_path: impl Into<PathBuf>) -> Result<Self, VsockError> {
+        if !(3..u64::from(u32::MAX)).contains(&guest_cid) {
+            return Err(VsockError::InvalidCid(guest_cid));
+        }
+        let muxer = Muxer::new(guest_cid, uds_path.into())?;
+        Ok(Self {
+            guest_cid,
+            muxer,
+            features: 1u64 << VIRTIO_F_VERSION_1,
+            config: guest_cid.to_le_bytes().to_vec(),
+            queue_max_sizes: [QUEUE_SIZE; 3],
+            queue_evts: queue_eventfds(3)?,
+            interrupt: Arc::new(Interrupt::new()?),
+            active: None,
+            bounce: vec![0; HDR_LEN + MAX_PAYLOAD],
+            tx_stalled: false,
+        })
+    }
+
+    /// The guest's CID.
+    pub fn guest_cid(&self) -> u64 {
+        self.guest_cid
+    }
+
+    /// Path of the listening Unix socket.
+    pub fn uds_path(&self) -> &Path {
+        self.muxer.uds_path()
+    }
+
+    /// Open connections (any state, host handshakes included).
+    pub fn connection_count(&self) -> usize {
+        self.muxer.connection_count()
+    }
+
+    /// Handles what the host side reports (new connections, readable or writable streams,
+    /// timeouts), then fills RX buffers with what is ready.
+    pub fn process_host(&mut self) {
+        self.muxer.process_events();
+        self.process_rx();
+    }
+
+    /// Fills the guest's receive buffers with waiting packets, until none is left, the guest
+    /// has no free buffer, or the budget is spent (then it re-signals its RX `EventFd`). Does
+    /// nothing before activation.
+    pub fn process_rx(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            self.muxer.sync();
+            return;
+        };
+        let mem = &active.mem;
+        let q = &mut active.queues[RX_QUEUE];
+        let max_chain = usize::from(q.size());
+        let mut used = 0;
+        let mut broken = false;
+        let mut starved = false;
+        let mut spent = true;
+        for _ in 0..BUDGET {
+            if !self.muxer.has_rx() {
+                spent = false;
+                break;
+            }
+            let chain = match q.iter(mem) {
+                Ok(mut it) => it.next(),
+                Err(e) => {
+                    debug!("virtio-vsock: bad RX available ring: {e}");
+                    broken = true;
+                    break;
+                }
+            };
+            let Some(chain) = chain else {
+                starved = true;
+                spent = false;
+                break;
+            };
+            let chain = Chain::collect(chain, max_chain);
+            let len = match packet::rx_room(mem, &chain) {
+                Ok(room) => match self.muxer.next_rx(&mut self.bounce[..room]) {
+                    Some((hdr, n)) => packet::write_rx(mem, &chain, &hdr, &self.bounce[..n])
+                        .unwrap_or_else(|e| {
+                            debug!("virtio-vsock: RX packet lost: {e}");
+                            0
+                        }),
+                    None if self.muxer.has_rx() => {
+                        // Only data waits, and the buffer has no room past the header: return
+                        // it rather than keep it at the head of the queue forever.
+                        debug!("virtio-vsock: RX buffer without room for data returned unused");
+                        0
+                    }
+                    None => {
+                        // Nothing could be sent after all: keep the buffer.
+                        q.go_to_previous_position();
+                        spent = false;
+                        break;
+                    }
+                },
+                Err(e) => {
+                    debug!("virtio-vsock: RX buffer returned unused: {e}");
+                    0
+                }
+            };
+            if let Err(e) = q.add_used(mem, chain.head, len) {
+                debug!(
+                    "virtio-vsock: cannot return RX descriptor {}: {e}",
+                    chain.head
+                );
+                broken = true;
+                break;
+            }
+            used += 1;
+        }
+        if spent {
+            let _ = self.queue_evts[RX_QUEUE].write(1);
+        }
+        if used > 0 && !matches!(q.needs_notification(mem), Ok(false)) {
+            self.interrupt.signal_used();
+        }
+        if self.tx_stalled && !self.muxer.rx_full() {
+            self.tx_stalled = false;
+            let _ = self.queue_evts[TX_QUEUE].write(1);
+        }
+        self.muxer.set_rx_starved(starved);
+        if broken {
+            self.break_device();
+        }
+        self.muxer.sync();
+    }
+
+    /// Handles the packets the guest queued for transmission (at most the budget per call; then
+    /// it re-signals its TX `EventFd`), then sends the guest what they produced. Does nothing
+    /// before activation.
+    pub fn process_tx(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let mem = &active.mem;
+        let q = &mut active.queues[TX_QUEUE];
+        let max_chain = usize::from(q.size());
+        let mut handled = 0;
+        let mut broken = false;
+        while handled < BUDGET {
+            if self.muxer.rx_full() {
+                // Answers wait for RX buffers; TX resumes once they are sent.
+                self.tx_stalled = true;
+                break;
+            }
+            let chain = match q.iter(mem) {
+                Ok(mut it) => it.next(),
+                Err(e) => {
+                    debug!("virtio-vsock: bad TX available ring: {e}");
+                    broken = true;
+                    break;
+                }
+            };
+            let Some(chain) = chain else { break };
+            let chain = Chain::collect(chain, max_chain);
+            match packet::read_tx(mem, &chain, &mut self.bounce) {
+                Ok(hdr) => {
+                    let payload = &self.bounce[HDR_LEN..HDR_LEN + hdr.len as usize];
+                    self.muxer.handle_guest_packet(&hdr, payload);
+                }
+                Err(PacketError::BadLen { hdr, claimed, held }) => {
+                    debug!(
+                        "virtio-vsock: TX packet claims {claimed} payload bytes, has {held}: reset"
+                    );
+                    self.muxer.reject(&hdr);
+                }
+                Err(e) => debug!("virtio-vsock: TX packet dropped: {e}"),
+            }
+            if let Err(e) = q.add_used(mem, chain.head, 0) {
+                debug!(
+                    "virtio-vsock: cannot return TX descriptor {}: {e}",
+                    chain.head
+                );
+                broken = true;
+                break;
+            }
+            handled += 1;
+        }
+        if handled == BUDGET {
+            let _ = self.queue_evts[TX_QUEUE].write(1);
+        }
+        if handled > 0 && !matches!(q.needs_notification(mem), Ok(false)) {
+            self.interrupt.signal_used();
+        }
+        if broken {
+            self.break_device();
+            self.muxer.sync();
+            return;
+        }
+        self.process_rx();
+    }
+
+    /// The driver broke a queue: stop using the queues until it resets the device.
+    fn break_device(&mut self) {
+        self.active = None;
+        self.tx_stalled = false;
+        self.muxer.reset();
+        self.interrupt.set_needs_reset();
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_VSOCK
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_max_sizes
+    }
+
+    fn config(&self) -> &[u8] {
+        &self.config
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap<()>,
+        queues: Vec<Queue>,
+        features: u64,
+    ) -> Result<(), super::Error> {
+        check_activation(&queues, 3, features)?;
+        self.active = Some(Active { mem, queues });
+        // Host connections may have come in before: have the event loop send their requests.
+        let _ = self.queue_evts[RX_QUEUE].write(1);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.tx_stalled = false;
+        self.muxer.reset();
+        self.muxer.sync();
+    }
+
+    fn interrupt(&self) -> &Arc<Interrupt> {
+        &self.interrupt
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+}
+
+impl MutEventSubscriber for Vsock {
+    fn init(&mut self, ops: &mut EventOps) {
+        for (i, evt) in self.queue_evts.iter().enumerate() {
+            if let Err(e) = ops.add(Events::with_data(evt, i as u32, EventSet::IN)) {
+                error!("virtio-vsock: cannot watch queue {i}: {e}");
+            }
+        }
+        let backend = Events::with_data_raw(self.muxer.epoll_fd(), BACKEND_EVENT, EventSet::IN);
+        if let Err(e) = ops.add(backend) {
+            error!("virtio-vsock: cannot watch the host side: {e}");
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        match events.data() {
+            BACKEND_EVENT => self.process_host(),
+            i => match self.queue_evts.get(i as usize) {
+                Some(evt) => {
+                    let _ = evt.read();
+                    match i as usize {
+                        RX_QUEUE => self.process_rx(),
+                        TX_QUEUE => self.process_tx(),
+                        // The event queue only holds buffers for events we never send.
+                        _ => {}
+                    }
+                }
+                None => debug!("virtio-vsock: event for unknown source {i}"),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
