@@ -35,6 +35,9 @@ pub enum ConfigError {
     /// A `--net` that does not parse.
     #[error("invalid --net '{0}': expected tap=NAME[,mac=aa:bb:cc:dd:ee:ff] (NAME at most 15 characters)")]
     BadNet(String),
+    /// A `--vsock` that does not parse.
+    #[error("invalid --vsock '{0}': expected cid=N,uds=PATH with N at least 3")]
+    BadVsock(String),
     /// No kernel given and no bundled guest.
     #[error("no --kernel given and no guest kernel at {0} (build one with firmware/build.sh, or set LOFT_GUEST_DIR)")]
     NoDefaultKernel(PathBuf),
@@ -79,6 +82,38 @@ pub struct NetConfig {
     pub tap: String,
     /// The guest NIC's MAC address; one is made up when absent.
     pub mac: Option<[u8; 6]>,
+}
+
+/// A virtio-vsock device: `cid=N,uds=PATH`. The host side is a Unix socket at `uds`, in
+/// Firecracker's convention (connect, write `CONNECT <port>\n`; guest connections to port P
+/// reach `<uds>_<P>`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The guest's context id (3 or more).
+    pub cid: u64,
+    /// Where loft listens for host connections.
+    pub uds: PathBuf,
+}
+
+impl FromStr for VsockConfig {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || ConfigError::BadVsock(s.into());
+        let mut cid = None;
+        let mut uds = None;
+        for opt in s.split(',') {
+            match opt.split_once('=') {
+                Some(("cid", n)) => cid = Some(n.parse::<u64>().map_err(|_| bad())?),
+                Some(("uds", p)) if !p.is_empty() => uds = Some(PathBuf::from(p)),
+                _ => return Err(bad()),
+            }
+        }
+        Ok(Self {
+            cid: cid.filter(|c| *c >= 3).ok_or_else(bad)?,
+            uds: uds.ok_or_else(bad)?,
+        })
+    }
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff`.
@@ -194,6 +229,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// Network interfaces, in order: the first is eth0.
     pub nets: Vec<NetConfig>,
+    /// A host↔guest socket channel.
+    pub vsock: Option<VsockConfig>,
     /// The KVM device.
     pub kvm_device: PathBuf,
 }
@@ -209,6 +246,7 @@ impl VmConfig {
             memory: DEFAULT_MEMORY,
             disks: Vec::new(),
             nets: Vec::new(),
+            vsock: None,
             kvm_device: default_kvm_device(),
         }
     }
@@ -311,6 +349,27 @@ mod tests {
             "tap=t,x=1",
         ] {
             assert!(bad.parse::<NetConfig>().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn parses_vsock() {
+        assert_eq!(
+            "cid=3,uds=/tmp/v.sock".parse::<VsockConfig>(),
+            Ok(VsockConfig {
+                cid: 3,
+                uds: "/tmp/v.sock".into()
+            })
+        );
+        for bad in [
+            "",
+            "cid=2,uds=/x",
+            "cid=3",
+            "uds=/x",
+            "cid=x,uds=/x",
+            "cid=3,uds=",
+        ] {
+            assert!(bad.parse::<VsockConfig>().is_err(), "{bad:?}");
         }
     }
 

@@ -5,6 +5,7 @@
 //! [`arch`] (the x86_64 memory map and boot structures), [`vstate`] (the KVM VM, its memory and
 //! vCPUs), [`vmm`] (devices, the event loop, running and stopping).
 
+pub mod agent_client;
 pub mod arch;
 pub mod boot_timer;
 pub mod config;
@@ -18,7 +19,7 @@ pub mod vmm;
 pub mod vstate;
 
 pub use boot_timer::{BootTimes, Timeline};
-pub use config::{DiskConfig, MemSize, NetConfig, VmConfig};
+pub use config::{DiskConfig, MemSize, NetConfig, VmConfig, VsockConfig};
 pub use host::KvmFlavour;
 pub use sandbox::{VmBuilder, VmHandle};
 pub use stop::StopReason;
@@ -63,6 +64,14 @@ pub enum Error {
         tap: String,
         /// Why.
         source: loft_devices::virtio::net::NetError,
+    },
+    /// The vsock device could not be set up.
+    #[error("--vsock uds={}: {source}", uds.display())]
+    Vsock {
+        /// The Unix socket path.
+        uds: std::path::PathBuf,
+        /// Why.
+        source: loft_devices::virtio::vsock::VsockError,
     },
     /// A device could not be placed.
     #[error(transparent)]

@@ -1,5 +1,6 @@
 //! The `loft` command.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -7,7 +8,7 @@ use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 use loft::boot_timer::{self, Timeline};
-use loft::config::{self, DiskConfig, MemSize, NetConfig, VmConfig};
+use loft::config::{self, DiskConfig, MemSize, NetConfig, VmConfig, VsockConfig};
 use loft::console::RawTerminal;
 use loft::Vmm;
 
@@ -51,6 +52,10 @@ struct RunArgs {
     /// A virtio-net interface on a host TAP device (repeatable)
     #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
     net: Vec<NetConfig>,
+    /// A virtio-vsock device; host connections go through the Unix socket PATH (Firecracker's
+    /// convention: connect, write "CONNECT <port>")
+    #[arg(long, value_name = "cid=N,uds=PATH")]
+    vsock: Option<VsockConfig>,
     /// At exit, print one line to stderr with the wall and CPU milliseconds (since loft started)
     /// at which the VM was built, first entered, the guest reached init and user space, asked
     /// to stop, and loft was done
@@ -98,11 +103,17 @@ fn vm_config(args: RunArgs) -> Result<VmConfig, loft::Error> {
         cmdline = format!("root=/dev/vda rw {cmdline}");
     }
     disks.extend(args.disk);
+    if std::io::stdin().is_terminal() {
+        // A person is at the console: the bundled guest's init gives them a shell when there is
+        // no command to run.
+        cmdline.push_str(" loft_shell=1");
+    }
     Ok(VmConfig {
         initrd,
         cmdline,
         disks,
         nets: args.net,
+        vsock: args.vsock,
         cpus: args.cpus,
         memory: args.memory,
         ..VmConfig::new(kernel)

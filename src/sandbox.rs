@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use loft_devices::bus::lock;
 
 use crate::boot_timer::{BootTimes, Timeline};
-use crate::config::{self, DiskConfig, MemSize, NetConfig, VmConfig};
+use crate::config::{self, DiskConfig, MemSize, NetConfig, VmConfig, VsockConfig};
 use crate::stop::{StopNotifier, StopReason};
 use crate::{Error, Vmm};
 
@@ -102,6 +102,16 @@ impl VmBuilder {
         self.config.nets.push(NetConfig {
             tap: tap.into(),
             mac,
+        });
+        self
+    }
+
+    /// Adds a virtio-vsock device with guest context id `cid`, reachable from the host through
+    /// the Unix socket `uds` (Firecracker's convention).
+    pub fn vsock(mut self, cid: u64, uds: impl Into<PathBuf>) -> Self {
+        self.config.vsock = Some(VsockConfig {
+            cid,
+            uds: uds.into(),
         });
         self
     }

@@ -14,6 +14,7 @@ use loft_devices::i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
 use loft_devices::serial::{ConsoleOut, SerialConsole, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
 use loft_devices::virtio::block::Block;
 use loft_devices::virtio::net::Net;
+use loft_devices::virtio::vsock::Vsock;
 use loft_devices::virtio::VirtioMmioDevice;
 use loft_devices::Bus;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
@@ -340,6 +341,14 @@ fn add_virtio_devices(
             source,
         })?;
         let dev = VirtioMmioDevice::new(nic, mem.clone()).map_err(virtio)?;
+        devices.add_virtio(vm, event_manager, dev)?;
+    }
+    if let Some(vsock) = &config.vsock {
+        let dev = Vsock::new(vsock.cid, &vsock.uds).map_err(|source| Error::Vsock {
+            uds: vsock.uds.clone(),
+            source,
+        })?;
+        let dev = VirtioMmioDevice::new(dev, mem.clone()).map_err(virtio)?;
         devices.add_virtio(vm, event_manager, dev)?;
     }
     Ok(())

@@ -1,0 +1,881 @@
+//! The host side of loft's guest agent (`loft-agent`): run a command in the guest over the
+//! VM's virtio-vsock device.
+//!
+//! The VMM exposes the device as a Unix socket in Firecracker's convention: connect to it,
+//! write `CONNECT <port>\n`, read `OK <hostport>\n`, and the stream is then connected to the
+//! guest process listening on vsock port `<port>` (the agent, [`DEFAULT_AGENT_PORT`] unless
+//! the guest was told otherwise with `loft_agent=PORT`). If nothing listens there, the VMM
+//! closes the stream without `OK`: [`AgentError::Refused`]. What follows is the frame
+//! protocol of [`loft_agent`] (one command per connection).
+//!
+//! The guest is not trusted: frames are checked before anything is allocated for them (at most
+//! [`loft_agent::MAX_FRAME`] bytes each), anything unexpected is a typed error, and every read
+//! and write is bounded by the call's timeout, so a silent, slow or hostile guest costs at most
+//! that long. [`exec_output`] also caps what it collects ([`OUTPUT_LIMIT`] per stream).
+//!
+//! ```no_run
+//! use std::time::{Duration, Instant};
+//! use loft::agent_client::{exec_output, wait_for_agent, ExecRequest, ExitStatus};
+//! let uds = std::path::Path::new("/tmp/vm.vsock");
+//! wait_for_agent(uds, 52, Instant::now() + Duration::from_secs(60))?;
+//! let out = exec_output(uds, 52, &ExecRequest::shell("uname -r"), None, Some(Duration::from_secs(10)))?;
+//! assert_eq!(out.status, ExitStatus::Code(0));
+//! # Ok::<(), loft::agent_client::AgentError>(())
+//! ```
+
+use std::fmt;
+use std::io::{self, BufReader, Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use loft_agent::{header, read_frame, Frame, Kind, Peer, ProtocolError, CHUNK, HEADER_LEN};
+
+pub use loft_agent::{ExecRequest, DEFAULT_PORT as DEFAULT_AGENT_PORT, MAX_FRAME};
+
+/// Most bytes [`exec_output`] collects from each of stdout and stderr.
+pub const OUTPUT_LIMIT: usize = 64 << 20;
+/// Pause between two attempts of [`wait_for_agent`].
+pub const RETRY_INTERVAL: Duration = Duration::from_millis(100);
+/// Longest handshake answer accepted (`OK 4294967295` is 13 bytes).
+const MAX_HANDSHAKE_LINE: usize = 64;
+/// Longest `Error` message kept from the guest.
+const MAX_ERROR_MESSAGE: usize = 4096;
+
+/// How a command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ExitStatus {
+    /// It exited with this code.
+    Code(i32),
+    /// It was killed by this signal.
+    Signal(i32),
+}
+
+impl ExitStatus {
+    /// Exit code 0.
+    pub fn success(self) -> bool {
+        self == ExitStatus::Code(0)
+    }
+
+    /// The exit code, if it exited.
+    pub fn code(self) -> Option<i32> {
+        match self {
+            ExitStatus::Code(c) => Some(c),
+            ExitStatus::Signal(_) => None,
+        }
+    }
+}
+
+impl fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExitStatus::Code(c) => write!(f, "exit code {c}"),
+            ExitStatus::Signal(s) => write!(f, "killed by signal {s}"),
+        }
+    }
+}
+
+/// A finished command's status and output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Output {
+    /// How it ended.
+    pub status: ExitStatus,
+    /// Everything it wrote to stdout.
+    pub stdout: Vec<u8>,
+    /// Everything it wrote to stderr.
+    pub stderr: Vec<u8>,
+}
+
+/// Everything that can go wrong talking to the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The Unix socket failed (connecting to it included: e.g. `NotFound` when the VMM has not
+    /// created it).
+    #[error("agent connection: {0}")]
+    Io(#[source] io::Error),
+    /// The call's timeout ran out.
+    #[error("timed out waiting for the guest agent")]
+    Timeout,
+    /// The VMM closed the stream without `OK`: nothing listens on that guest vsock port (yet).
+    #[error("connection to guest vsock port {port} refused (is the agent running?)")]
+    Refused {
+        /// The guest vsock port.
+        port: u32,
+    },
+    /// The VMM or the agent sent something that breaks the protocol.
+    #[error("agent protocol violation: {0}")]
+    Protocol(String),
+    /// The agent announced a frame larger than [`MAX_FRAME`] (nothing was allocated for it).
+    #[error("the agent announced a {len}-byte frame (limit {MAX_FRAME})")]
+    FrameTooLarge {
+        /// The announced length.
+        len: u64,
+    },
+    /// The request breaks the protocol's rules (empty argv, NUL byte, too big, ...); nothing
+    /// was sent.
+    #[error("invalid request: {0}")]
+    InvalidRequest(#[source] ProtocolError),
+    /// The agent could not run the command (`Error` frame). `errno` is the guest's OS error
+    /// (`ENOENT` = 2: command or working directory not found), 0 for a protocol complaint.
+    #[error("the guest agent could not run the command: {message}")]
+    Remote {
+        /// The guest's errno, 0 if none.
+        errno: i32,
+        /// The agent's message.
+        message: String,
+    },
+    /// [`exec_output`] got more than [`OUTPUT_LIMIT`] bytes on one stream.
+    #[error("command output exceeds {limit} bytes")]
+    OutputTooLarge {
+        /// The limit.
+        limit: usize,
+    },
+}
+
+impl AgentError {
+    /// The command (or its working directory) does not exist in the guest: what a shell
+    /// reports as exit status 127.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, AgentError::Remote { errno, .. } if *errno == libc::ENOENT)
+    }
+}
+
+fn io_error(e: io::Error) -> AgentError {
+    match e.kind() {
+        // A socket timeout shows up as EAGAIN.
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => AgentError::Timeout,
+        _ => AgentError::Io(e),
+    }
+}
+
+fn protocol_error(e: ProtocolError) -> AgentError {
+    match e {
+        ProtocolError::FrameTooLarge { len } => AgentError::FrameTooLarge { len },
+        ProtocolError::Io(e) => io_error(e),
+        e => AgentError::Protocol(e.to_string()),
+    }
+}
+
+fn deadline_after(timeout: Option<Duration>) -> Option<Instant> {
+    // A timeout too large to add is no timeout.
+    timeout.and_then(|t| Instant::now().checked_add(t))
+}
+
+/// The stream, with each read and write bounded by what is left until the deadline.
+struct Timed<'a> {
+    stream: &'a UnixStream,
+    deadline: Option<Instant>,
+}
+
+impl Timed<'_> {
+    fn left(&self) -> io::Result<Option<Duration>> {
+        match self.deadline {
+            None => Ok(None),
+            Some(d) => match d.saturating_duration_since(Instant::now()) {
+                left if left.is_zero() => Err(io::ErrorKind::TimedOut.into()),
+                left => Ok(Some(left)),
+            },
+        }
+    }
+}
+
+impl Read for Timed<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.stream.set_read_timeout(self.left()?)?;
+        (&*self.stream).read(buf)
+    }
+}
+
+impl Write for Timed<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.stream.set_write_timeout(self.left()?)?;
+        (&*self.stream).write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Connects to the agent on guest vsock `port` through the VMM's Unix socket `uds`: the
+/// `CONNECT` handshake, bounded by `timeout`. The stream then carries the agent protocol.
+pub fn connect(uds: &Path, port: u32, timeout: Option<Duration>) -> Result<UnixStream, AgentError> {
+    connect_by(uds, port, deadline_after(timeout))
+}
+
+fn connect_by(uds: &Path, port: u32, deadline: Option<Instant>) -> Result<UnixStream, AgentError> {
+    let stream = UnixStream::connect(uds).map_err(AgentError::Io)?;
+    let mut t = Timed {
+        stream: &stream,
+        deadline,
+    };
+    // The VMM dropping the stream at once (e.g. it is at its connection limit) is a refusal.
+    let refused = |e: io::Error| match e.kind() {
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => AgentError::Refused { port },
+        _ => io_error(e),
+    };
+    t.write_all(format!("CONNECT {port}\n").as_bytes())
+        .map_err(refused)?;
+    // One byte at a time: nothing of the agent's stream may be read into a buffer here.
+    let mut line = Vec::with_capacity(MAX_HANDSHAKE_LINE);
+    loop {
+        let mut b = [0u8; 1];
+        match t.read(&mut b) {
+            Ok(0) => return Err(AgentError::Refused { port }),
+            Ok(_) if b[0] == b'\n' => break,
+            Ok(_) if line.len() == MAX_HANDSHAKE_LINE => {
+                return Err(AgentError::Protocol("handshake answer too long".into()))
+            }
+            Ok(_) => line.push(b[0]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(refused(e)),
+        }
+    }
+    let text = String::from_utf8_lossy(&line);
+    let host_port = text
+        .strip_prefix("OK ")
+        .and_then(|p| p.trim().parse::<u32>().ok());
+    match host_port {
+        Some(_) => Ok(stream),
+        None => Err(AgentError::Protocol(format!(
+            "unexpected handshake answer {:?}",
+            text.chars().take(MAX_HANDSHAKE_LINE).collect::<String>()
+        ))),
+    }
+}
+
+/// Retries [`connect`] (every [`RETRY_INTERVAL`]) until the agent accepts a connection, or
+/// `deadline` passes ([`AgentError::Timeout`]). Retried: a refused `CONNECT` (the guest is
+/// still booting), and a Unix socket that does not exist or accept yet (the VMM is starting).
+/// The probe connection is closed again; the agent ignores it.
+pub fn wait_for_agent(uds: &Path, port: u32, deadline: Instant) -> Result<(), AgentError> {
+    loop {
+        match connect_by(uds, port, Some(deadline)) {
+            Ok(_) => return Ok(()),
+            Err(AgentError::Refused { .. }) => {}
+            Err(AgentError::Io(e))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                ) => {}
+            Err(e) => return Err(e),
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(AgentError::Timeout);
+        }
+        thread::sleep(left.min(RETRY_INTERVAL));
+    }
+}
+
+/// Runs `cmd` in the guest through the VMM's Unix socket `uds` (agent on vsock `port`):
+/// connects, sends the request, passes output to `on_stdout` / `on_stderr` as it arrives, and
+/// returns how the command ended. The command's stdin is `/dev/null`. `timeout` bounds the
+/// whole call (`None`: no limit); when it runs out the connection is closed, which makes the
+/// agent kill the command.
+pub fn exec_over_uds(
+    uds: &Path,
+    port: u32,
+    cmd: &ExecRequest,
+    timeout: Option<Duration>,
+    mut on_stdout: impl FnMut(&[u8]),
+    mut on_stderr: impl FnMut(&[u8]),
+) -> Result<ExitStatus, AgentError> {
+    exec_by(uds, port, cmd, None, deadline_after(timeout), &mut |stderr, data| {
+        if stderr {
+            on_stderr(data)
+        } else {
+            on_stdout(data)
+        }
+        Ok(())
+    })
+}
+
+/// Like [`exec_over_uds`], but collects the output (at most [`OUTPUT_LIMIT`] bytes per stream)
+/// and, if `stdin` is given, feeds it to the command's stdin (then closes it).
+pub fn exec_output(
+    uds: &Path,
+    port: u32,
+    cmd: &ExecRequest,
+    stdin: Option<&[u8]>,
+    timeout: Option<Duration>,
+) -> Result<Output, AgentError> {
+    collect_output(OUTPUT_LIMIT, |sink| {
+        exec_by(uds, port, cmd, stdin, deadline_after(timeout), sink)
+    })
+}
+
+/// Runs `cmd` on a stream already connected to the agent (see [`connect`]; the stream is used
+/// up: one command per connection). With `stdin`, the bytes are fed to the command's stdin
+/// from a helper thread while the output is read, then its stdin is closed; without, its stdin
+/// is `/dev/null`. `timeout` bounds the whole call.
+pub fn exec_on_stream(
+    stream: UnixStream,
+    cmd: &ExecRequest,
+    stdin: Option<&[u8]>,
+    timeout: Option<Duration>,
+    mut on_stdout: impl FnMut(&[u8]),
+    mut on_stderr: impl FnMut(&[u8]),
+) -> Result<ExitStatus, AgentError> {
+    let request = encode_request(cmd, stdin)?;
+    run(stream, &request, stdin, deadline_after(timeout), &mut |stderr, data| {
+        if stderr {
+            on_stderr(data)
+        } else {
+            on_stdout(data)
+        }
+        Ok(())
+    })
+}
+
+/// Receives output: (is it stderr, bytes); an error stops the command.
+type OutputSink<'a> = dyn FnMut(bool, &[u8]) -> Result<(), AgentError> + 'a;
+
+fn collect_output(
+    limit: usize,
+    exec: impl FnOnce(&mut OutputSink<'_>) -> Result<ExitStatus, AgentError>,
+) -> Result<Output, AgentError> {
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    let status = exec(&mut |is_err, data| {
+        let buf = if is_err { &mut stderr } else { &mut stdout };
+        if buf.len() + data.len() > limit {
+            return Err(AgentError::OutputTooLarge { limit });
+        }
+        buf.extend_from_slice(data);
+        Ok(())
+    })?;
+    Ok(Output {
+        status,
+        stdout,
+        stderr,
+    })
+}
+
+/// The `Exec` frame, plus `StdinEof` right behind it for an empty stdin.
+fn encode_request(cmd: &ExecRequest, stdin: Option<&[u8]>) -> Result<Vec<u8>, AgentError> {
+    let payload = cmd
+        .encode(stdin.is_some())
+        .map_err(AgentError::InvalidRequest)?;
+    let mut bytes = header(Kind::Exec, payload.len() as u32).to_vec();
+    bytes.extend_from_slice(&payload);
+    if stdin.is_some_and(<[u8]>::is_empty) {
+        bytes.extend_from_slice(&header(Kind::StdinEof, 0));
+    }
+    Ok(bytes)
+}
+
+fn exec_by(
+    uds: &Path,
+    port: u32,
+    cmd: &ExecRequest,
+    stdin: Option<&[u8]>,
+    deadline: Option<Instant>,
+    sink: &mut OutputSink<'_>,
+) -> Result<ExitStatus, AgentError> {
+    // A request that cannot be sent fails before anything is asked of the guest.
+    let request = encode_request(cmd, stdin)?;
+    let stream = connect_by(uds, port, deadline)?;
+    run(stream, &request, stdin, deadline, sink)
+}
+
+fn run(
+    stream: UnixStream,
+    request: &[u8],
+    stdin: Option<&[u8]>,
+    deadline: Option<Instant>,
+    sink: &mut OutputSink<'_>,
+) -> Result<ExitStatus, AgentError> {
+    let mut t = Timed {
+        stream: &stream,
+        deadline,
+    };
+    if let Err(e) = t.write_all(request) {
+        let e = io_error(e);
+        if matches!(e, AgentError::Timeout) {
+            return Err(e);
+        }
+        // The agent may have refused (e.g. busy) and closed before reading it all: its
+        // answer says more than EPIPE does.
+        return match read_answer(&stream, deadline, sink) {
+            Err(remote @ AgentError::Remote { .. }) => Err(remote),
+            _ => Err(e),
+        };
+    }
+    let stdin = stdin.filter(|d| !d.is_empty());
+    thread::scope(|scope| {
+        let feeder = stdin.map(|data| scope.spawn(|| feed_stdin(&stream, data, deadline)));
+        let result = read_answer(&stream, deadline, sink);
+        if feeder.is_some() {
+            // Unblocks the feeder if the command ended without reading all of its input.
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+        result
+    })
+}
+
+/// Sends `data` as `Stdin` frames, then `StdinEof`. Errors end it quietly: the answer (or
+/// its absence) tells the caller what happened.
+fn feed_stdin(stream: &UnixStream, data: &[u8], deadline: Option<Instant>) {
+    let mut t = Timed { stream, deadline };
+    let mut frame = Vec::with_capacity(HEADER_LEN + CHUNK);
+    for chunk in data.chunks(CHUNK) {
+        frame.clear();
+        frame.extend_from_slice(&header(Kind::Stdin, chunk.len() as u32));
+        frame.extend_from_slice(chunk);
+        if t.write_all(&frame).is_err() {
+            return;
+        }
+    }
+    let _ = t.write_all(&header(Kind::StdinEof, 0));
+}
+
+fn read_answer(
+    stream: &UnixStream,
+    deadline: Option<Instant>,
+    sink: &mut OutputSink<'_>,
+) -> Result<ExitStatus, AgentError> {
+    let mut r = BufReader::with_capacity(HEADER_LEN + CHUNK, Timed { stream, deadline });
+    loop {
+        match read_frame(&mut r, Peer::Agent).map_err(protocol_error)? {
+            Some(Frame::Stdout(data)) => sink(false, &data)?,
+            Some(Frame::Stderr(data)) => sink(true, &data)?,
+            Some(Frame::Exit(code)) => return Ok(ExitStatus::Code(code)),
+            Some(Frame::Signal(sig)) => return Ok(ExitStatus::Signal(sig)),
+            Some(Frame::Error { errno, mut message }) => {
+                if message.len() > MAX_ERROR_MESSAGE {
+                    let mut end = MAX_ERROR_MESSAGE;
+                    while !message.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    message.truncate(end);
+                }
+                return Err(AgentError::Remote { errno, message });
+            }
+            Some(f) => return Err(protocol_error(ProtocolError::Unexpected(f.kind()))),
+            None => {
+                return Err(AgentError::Protocol(
+                    "the agent closed the connection without an exit status".into(),
+                ))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use loft_agent::server::handle_connection;
+    use std::os::unix::net::UnixListener;
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    const PORT: u32 = 52;
+    const LONG: Option<Duration> = Some(Duration::from_secs(30));
+    const SHORT: Duration = Duration::from_millis(300);
+
+    fn sock_path(tag: &str) -> PathBuf {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let n = N.fetch_add(1, Ordering::SeqCst);
+        std::env::temp_dir().join(format!("loft-ac-{}-{n}-{tag}.sock", std::process::id()))
+    }
+
+    /// A fake VMM Unix socket: every connection is handed to `serve` on its own thread. The
+    /// socket file goes away with the value.
+    struct FakeVmm {
+        path: PathBuf,
+    }
+
+    impl Drop for FakeVmm {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+
+    fn fake_vmm(tag: &str, serve: impl Fn(UnixStream, usize) + Send + Sync + 'static) -> FakeVmm {
+        let path = sock_path(tag);
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        let serve = Arc::new(serve);
+        thread::spawn(move || {
+            for (i, stream) in listener.incoming().enumerate() {
+                let Ok(stream) = stream else { return };
+                let serve = serve.clone();
+                thread::spawn(move || serve(stream, i));
+            }
+        });
+        FakeVmm { path }
+    }
+
+    /// Reads the CONNECT line the way the VMM does (a byte at a time).
+    fn read_connect_line(s: &mut UnixStream) -> String {
+        let mut line = Vec::new();
+        let mut b = [0u8; 1];
+        while s.read(&mut b).unwrap_or(0) == 1 && b[0] != b'\n' {
+            line.push(b[0]);
+        }
+        String::from_utf8(line).unwrap()
+    }
+
+    /// Answers `OK 1073741824` to exactly `CONNECT 52` (else closes, i.e. refuses).
+    fn accept_connect(s: &mut UnixStream) -> bool {
+        if read_connect_line(s) != format!("CONNECT {PORT}") {
+            return false;
+        }
+        s.write_all(b"OK 1073741824\n").unwrap();
+        true
+    }
+
+    /// A VMM with the real agent handler behind port 52.
+    fn vmm_with_agent() -> FakeVmm {
+        fake_vmm("agent", |mut s, _| {
+            if accept_connect(&mut s) {
+                handle_connection(s.try_clone().unwrap(), s);
+            }
+        })
+    }
+
+    /// A VMM whose "agent" sends `bytes` after `OK`, then closes (`close`) or keeps the
+    /// stream open until the client leaves.
+    fn vmm_with_hostile_agent(bytes: Vec<u8>, close: bool) -> FakeVmm {
+        fake_vmm("hostile", move |mut s, _| {
+            if !accept_connect(&mut s) {
+                return;
+            }
+            let _ = s.write_all(&bytes);
+            if !close {
+                let mut sink = [0u8; 4096];
+                while s.read(&mut sink).unwrap_or(0) > 0 {}
+            }
+        })
+    }
+
+    fn output(vmm: &FakeVmm, cmd: &ExecRequest, timeout: Option<Duration>) -> Result<Output, AgentError> {
+        exec_output(&vmm.path, PORT, cmd, None, timeout)
+    }
+
+    #[test]
+    fn runs_a_command_with_separate_streams_and_exit_code() {
+        let vmm = vmm_with_agent();
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let status = exec_over_uds(
+            &vmm.path,
+            PORT,
+            &ExecRequest::shell("echo out; echo err >&2; exit 7"),
+            LONG,
+            |d| out.extend_from_slice(d),
+            |d| err.extend_from_slice(d),
+        )
+        .unwrap();
+        assert_eq!(status, ExitStatus::Code(7));
+        assert_eq!(out, b"out\n");
+        assert_eq!(err, b"err\n");
+        assert!(!status.success());
+        assert_eq!(status.code(), Some(7));
+    }
+
+    #[test]
+    fn output_streams_as_it_is_produced() {
+        let vmm = vmm_with_agent();
+        // The second line comes only after the host has seen the first one.
+        let flag = sock_path("flag");
+        let script = format!(
+            "echo first; while [ ! -e {0} ]; do sleep 0.02; done; echo second",
+            flag.display()
+        );
+        let mut seen = Vec::new();
+        let status = exec_over_uds(
+            &vmm.path,
+            PORT,
+            &ExecRequest::shell(&script),
+            LONG,
+            |d| {
+                seen.extend_from_slice(d);
+                if seen == b"first\n" {
+                    std::fs::write(&flag, b"").unwrap();
+                }
+            },
+            |_| {},
+        )
+        .unwrap();
+        let _ = std::fs::remove_file(&flag);
+        assert_eq!(status, ExitStatus::Code(0));
+        assert_eq!(seen, b"first\nsecond\n");
+    }
+
+    #[test]
+    fn a_signal_is_reported_as_such() {
+        let vmm = vmm_with_agent();
+        let out = output(&vmm, &ExecRequest::shell("echo bye; kill -KILL $$"), LONG).unwrap();
+        assert_eq!(out.status, ExitStatus::Signal(libc::SIGKILL));
+        assert_eq!(out.stdout, b"bye\n");
+        let out = output(&vmm, &ExecRequest::shell("kill -TERM $$"), LONG).unwrap();
+        assert_eq!(out.status, ExitStatus::Signal(libc::SIGTERM));
+        assert_eq!(out.status.to_string(), "killed by signal 15");
+    }
+
+    #[test]
+    fn a_missing_command_is_a_remote_not_found_error() {
+        let vmm = vmm_with_agent();
+        let err = output(&vmm, &ExecRequest::new(["no-such-command-xyz"]), LONG).unwrap_err();
+        assert!(err.is_not_found(), "{err:?}");
+        assert!(err.to_string().contains("no-such-command-xyz"), "{err}");
+        // A non-executable file is another errno.
+        let err = output(&vmm, &ExecRequest::new(["/etc/hostname"]), LONG).unwrap_err();
+        assert!(matches!(err, AgentError::Remote { errno, .. } if errno == libc::EACCES), "{err:?}");
+    }
+
+    #[test]
+    fn stdin_env_and_cwd() {
+        let vmm = vmm_with_agent();
+        let input: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 256) as u8).collect();
+        let out = exec_output(&vmm.path, PORT, &ExecRequest::new(["cat"]), Some(&input), LONG).unwrap();
+        assert_eq!(out.status, ExitStatus::Code(0));
+        assert!(out.stdout == input, "cat returned {} bytes", out.stdout.len());
+        let out = exec_output(&vmm.path, PORT, &ExecRequest::new(["wc", "-c"]), Some(b""), LONG).unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0");
+        let req = ExecRequest::shell("pwd; echo \"$GREETING\"").env("GREETING", "hi there").cwd("/");
+        let out = output(&vmm, &req, LONG).unwrap();
+        assert_eq!(out.stdout, b"/\nhi there\n");
+    }
+
+    #[test]
+    fn concurrent_execs() {
+        let vmm = Arc::new(vmm_with_agent());
+        // The waiter can only finish if the toucher runs while it waits.
+        let flag = sock_path("conc");
+        let script = format!("while [ ! -e {0} ]; do sleep 0.02; done; echo seen", flag.display());
+        let v = vmm.clone();
+        let waiter = thread::spawn(move || output(&v, &ExecRequest::shell(&script), LONG));
+        let many: Vec<_> = (0..6)
+            .map(|i| {
+                let v = vmm.clone();
+                thread::spawn(move || output(&v, &ExecRequest::shell(&format!("echo {i}")), LONG))
+            })
+            .collect();
+        let touch = ExecRequest::new(["touch".to_string(), flag.display().to_string()]);
+        assert!(output(&vmm, &touch, LONG).unwrap().status.success());
+        for (i, h) in many.into_iter().enumerate() {
+            assert_eq!(h.join().unwrap().unwrap().stdout, format!("{i}\n").as_bytes());
+        }
+        assert_eq!(waiter.join().unwrap().unwrap().stdout, b"seen\n");
+        let _ = std::fs::remove_file(&flag);
+    }
+
+    #[test]
+    fn exec_on_a_socketpair() {
+        let (host, agent) = UnixStream::pair().unwrap();
+        thread::spawn(move || handle_connection(agent.try_clone().unwrap(), agent));
+        let mut out = Vec::new();
+        let status = exec_on_stream(
+            host,
+            &ExecRequest::new(["tr", "a-z", "A-Z"]),
+            Some(b"shout\n"),
+            LONG,
+            |d| out.extend_from_slice(d),
+            |_| {},
+        )
+        .unwrap();
+        assert_eq!((status, out.as_slice()), (ExitStatus::Code(0), &b"SHOUT\n"[..]));
+    }
+
+    #[test]
+    fn invalid_requests_are_refused_locally() {
+        // No VMM at all: the request fails before any connection is tried.
+        let path = sock_path("none");
+        for req in [ExecRequest::default(), ExecRequest::new(["a\0b"])] {
+            let err = exec_output(&path, PORT, &req, None, LONG).unwrap_err();
+            assert!(matches!(err, AgentError::InvalidRequest(_)), "{err:?}");
+        }
+    }
+
+    #[test]
+    fn handshake_sends_connect_and_accepts_ok() {
+        let vmm = vmm_with_agent();
+        let s = connect(&vmm.path, PORT, LONG).unwrap();
+        drop(s);
+        // The fake answers only "CONNECT 52": another port is refused.
+        let err = connect(&vmm.path, 53, LONG).unwrap_err();
+        assert!(matches!(err, AgentError::Refused { port: 53 }), "{err:?}");
+    }
+
+    #[test]
+    fn closing_without_ok_is_refused() {
+        let vmm = fake_vmm("refuse", |mut s, _| {
+            read_connect_line(&mut s);
+        });
+        let t = Instant::now();
+        let err = output(&vmm, &ExecRequest::new(["true"]), LONG).unwrap_err();
+        assert!(matches!(err, AgentError::Refused { port: PORT }), "{err:?}");
+        assert!(t.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn bad_handshake_answers_are_protocol_errors() {
+        let vmm = fake_vmm("nope", |mut s, _| {
+            read_connect_line(&mut s);
+            let _ = s.write_all(b"NOPE\n");
+        });
+        let err = connect(&vmm.path, PORT, LONG).unwrap_err();
+        assert!(matches!(err, AgentError::Protocol(_)), "{err:?}");
+        let vmm = fake_vmm("long", |mut s, _| {
+            read_connect_line(&mut s);
+            let _ = s.write_all(&vec![b'O'; 1 << 20]);
+        });
+        let err = connect(&vmm.path, PORT, LONG).unwrap_err();
+        assert!(matches!(err, AgentError::Protocol(ref m) if m.contains("too long")), "{err:?}");
+    }
+
+    #[test]
+    fn silent_vmm_times_out() {
+        let vmm = fake_vmm("silent", |mut s, _| {
+            let mut b = [0u8; 64];
+            while s.read(&mut b).unwrap_or(0) > 0 {}
+        });
+        let t = Instant::now();
+        let err = connect(&vmm.path, PORT, Some(SHORT)).unwrap_err();
+        assert!(matches!(err, AgentError::Timeout), "{err:?}");
+        assert!(t.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn wait_for_agent_retries_refusals() {
+        // Refuses the first three connections, then accepts.
+        let vmm = fake_vmm("boot", |mut s, i| {
+            if i >= 3 {
+                accept_connect(&mut s);
+            } else {
+                read_connect_line(&mut s);
+            }
+        });
+        wait_for_agent(&vmm.path, PORT, Instant::now() + Duration::from_secs(20)).unwrap();
+        // Always refused: times out at the deadline.
+        let vmm = fake_vmm("never", |mut s, _| {
+            read_connect_line(&mut s);
+        });
+        let t = Instant::now();
+        let err = wait_for_agent(&vmm.path, PORT, Instant::now() + SHORT).unwrap_err();
+        assert!(matches!(err, AgentError::Timeout), "{err:?}");
+        assert!(t.elapsed() >= SHORT && t.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn wait_for_agent_waits_for_the_socket_to_appear() {
+        let path = sock_path("late");
+        let err = wait_for_agent(&path, PORT, Instant::now() + SHORT).unwrap_err();
+        assert!(matches!(err, AgentError::Timeout), "{err:?}");
+        let p = path.clone();
+        thread::spawn(move || {
+            thread::sleep(Duration::from_millis(300));
+            let listener = UnixListener::bind(&p).unwrap();
+            let (mut s, _) = listener.accept().unwrap();
+            accept_connect(&mut s);
+        });
+        let res = wait_for_agent(&path, PORT, Instant::now() + Duration::from_secs(20));
+        let _ = std::fs::remove_file(&path);
+        res.unwrap();
+    }
+
+    /// Runs `true` against an agent that answers `bytes`; returns the error and how long it took.
+    fn hostile(bytes: Vec<u8>, close: bool) -> (AgentError, Duration) {
+        let vmm = vmm_with_hostile_agent(bytes, close);
+        let t = Instant::now();
+        let err = output(&vmm, &ExecRequest::new(["true"]), Some(SHORT)).unwrap_err();
+        (err, t.elapsed())
+    }
+
+    #[test]
+    fn hostile_oversized_frame_fails_fast() {
+        for kind in [Kind::Stdout, Kind::Error] {
+            let (err, took) = hostile(header(kind, u32::MAX).to_vec(), false);
+            assert!(matches!(err, AgentError::FrameTooLarge { len } if len == u64::from(u32::MAX)), "{err:?}");
+            assert!(took < SHORT, "took {took:?}: it waited instead of failing");
+        }
+    }
+
+    #[test]
+    fn hostile_garbage_is_a_protocol_error() {
+        let (err, took) = hostile(b"garbage, not frames\n".to_vec(), false);
+        assert!(matches!(err, AgentError::Protocol(ref m) if m.contains("unknown frame kind")), "{err:?}");
+        assert!(took < SHORT);
+        // A host-side kind from the agent.
+        let exec = Frame::Exec { request: ExecRequest::new(["x"]), stdin: false };
+        let (err, _) = hostile(exec.encode().unwrap(), false);
+        assert!(matches!(err, AgentError::Protocol(ref m) if m.contains("Exec")), "{err:?}");
+        // A final frame with a bad payload.
+        let mut bad_exit = header(Kind::Exit, 3).to_vec();
+        bad_exit.extend_from_slice(&[0, 0, 0]);
+        let (err, _) = hostile(bad_exit, false);
+        assert!(matches!(err, AgentError::Protocol(_)), "{err:?}");
+    }
+
+    #[test]
+    fn hostile_stall_mid_frame_times_out() {
+        let mut bytes = header(Kind::Stdout, 1000).to_vec();
+        bytes.extend_from_slice(&[b'x'; 10]);
+        let (err, took) = hostile(bytes, false);
+        assert!(matches!(err, AgentError::Timeout), "{err:?}");
+        assert!(took >= SHORT && took < SHORT * 4, "took {took:?}");
+        // Silence right after OK, too.
+        let (err, _) = hostile(Vec::new(), false);
+        assert!(matches!(err, AgentError::Timeout), "{err:?}");
+    }
+
+    #[test]
+    fn hostile_close_mid_frame_or_without_status() {
+        let mut bytes = header(Kind::Stdout, 1000).to_vec();
+        bytes.extend_from_slice(&[b'x'; 10]);
+        let (err, took) = hostile(bytes, true);
+        assert!(matches!(err, AgentError::Protocol(ref m) if m.contains("inside a frame")), "{err:?}");
+        assert!(took < SHORT);
+        let (err, _) = hostile(Frame::Stdout(b"hi".to_vec()).encode().unwrap(), true);
+        assert!(matches!(err, AgentError::Protocol(ref m) if m.contains("without an exit status")), "{err:?}");
+    }
+
+    #[test]
+    fn hostile_trickle_is_bounded_by_the_timeout() {
+        // Valid output, a byte at a time, forever: the deadline still ends it.
+        let vmm = fake_vmm("trickle", |mut s, _| {
+            if !accept_connect(&mut s) {
+                return;
+            }
+            let frame = Frame::Stdout(b"y".to_vec()).encode().unwrap();
+            for b in frame.iter().cycle() {
+                if s.write_all(&[*b]).is_err() {
+                    return;
+                }
+                thread::sleep(Duration::from_millis(5));
+            }
+        });
+        let t = Instant::now();
+        let err = output(&vmm, &ExecRequest::new(["true"]), Some(SHORT)).unwrap_err();
+        assert!(matches!(err, AgentError::Timeout), "{err:?}");
+        assert!(t.elapsed() < SHORT * 4);
+    }
+
+    #[test]
+    fn output_is_capped() {
+        let (host, agent) = UnixStream::pair().unwrap();
+        thread::spawn(move || {
+            let mut agent = agent;
+            let chunk = Frame::Stdout(vec![b'z'; 1000]).encode().unwrap();
+            while agent.write_all(&chunk).is_ok() {}
+        });
+        let request = encode_request(&ExecRequest::new(["yes"]), None).unwrap();
+        let err = collect_output(10_000, |sink| run(host, &request, None, deadline_after(LONG), sink))
+            .unwrap_err();
+        assert!(matches!(err, AgentError::OutputTooLarge { limit: 10_000 }), "{err:?}");
+    }
+
+    #[test]
+    fn remote_error_messages_are_bounded() {
+        let frame = Frame::Error { errno: 5, message: "e".repeat(100_000) };
+        let (err, _) = hostile(frame.encode().unwrap(), false);
+        match err {
+            AgentError::Remote { errno: 5, message } => assert_eq!(message.len(), MAX_ERROR_MESSAGE),
+            e => panic!("{e:?}"),
+        }
+    }
+}
