@@ -283,14 +283,8 @@ pub fn exec_over_uds(
     mut on_stdout: impl FnMut(&[u8]),
     mut on_stderr: impl FnMut(&[u8]),
 ) -> Result<ExitStatus, AgentError> {
-    exec_by(uds, port, cmd, None, deadline_after(timeout), &mut |stderr, data| {
-        if stderr {
-            on_stderr(data)
-        } else {
-            on_stdout(data)
-        }
-        Ok(())
-    })
+    let mut sink = route(&mut on_stdout, &mut on_stderr);
+    exec_by(uds, port, cmd, None, deadline_after(timeout), &mut sink)
 }
 
 /// Like [`exec_over_uds`], but collects the output (at most [`OUTPUT_LIMIT`] bytes per stream)
@@ -320,14 +314,23 @@ pub fn exec_on_stream(
     mut on_stderr: impl FnMut(&[u8]),
 ) -> Result<ExitStatus, AgentError> {
     let request = encode_request(cmd, stdin)?;
-    run(stream, &request, stdin, deadline_after(timeout), &mut |stderr, data| {
-        if stderr {
+    let mut sink = route(&mut on_stdout, &mut on_stderr);
+    run(stream, &request, stdin, deadline_after(timeout), &mut sink)
+}
+
+/// An [`OutputSink`] that hands each stream to its callback.
+fn route<'a>(
+    on_stdout: &'a mut impl FnMut(&[u8]),
+    on_stderr: &'a mut impl FnMut(&[u8]),
+) -> impl FnMut(bool, &[u8]) -> Result<(), AgentError> + 'a {
+    move |is_stderr, data| {
+        if is_stderr {
             on_stderr(data)
         } else {
             on_stdout(data)
         }
         Ok(())
-    })
+    }
 }
 
 /// Receives output: (is it stderr, bytes); an error stops the command.
@@ -396,10 +399,14 @@ fn run(
         if matches!(e, AgentError::Timeout) {
             return Err(e);
         }
-        // The agent may have refused (e.g. busy) and closed before reading it all: its
-        // answer says more than EPIPE does.
+        // The agent may have answered (e.g. busy) and closed before reading it all: what it
+        // sent says more than EPIPE does.
         return match read_answer(&stream, deadline, sink) {
-            Err(remote @ AgentError::Remote { .. }) => Err(remote),
+            Err(
+                answer @ (AgentError::Remote { .. }
+                | AgentError::Protocol(_)
+                | AgentError::FrameTooLarge { .. }),
+            ) => Err(answer),
             _ => Err(e),
         };
     }
@@ -544,6 +551,11 @@ mod tests {
             if !accept_connect(&mut s) {
                 return;
             }
+            if close {
+                // Read the request first: closing with unread data would make the client see
+                // ECONNRESET instead of what was sent.
+                let _ = read_frame(&mut s, Peer::Host);
+            }
             let _ = s.write_all(&bytes);
             if !close {
                 let mut sink = [0u8; 4096];
@@ -552,7 +564,11 @@ mod tests {
         })
     }
 
-    fn output(vmm: &FakeVmm, cmd: &ExecRequest, timeout: Option<Duration>) -> Result<Output, AgentError> {
+    fn output(
+        vmm: &FakeVmm,
+        cmd: &ExecRequest,
+        timeout: Option<Duration>,
+    ) -> Result<Output, AgentError> {
         exec_output(&vmm.path, PORT, cmd, None, timeout)
     }
 
@@ -622,21 +638,44 @@ mod tests {
         let err = output(&vmm, &ExecRequest::new(["no-such-command-xyz"]), LONG).unwrap_err();
         assert!(err.is_not_found(), "{err:?}");
         assert!(err.to_string().contains("no-such-command-xyz"), "{err}");
-        // A non-executable file is another errno.
-        let err = output(&vmm, &ExecRequest::new(["/etc/hostname"]), LONG).unwrap_err();
-        assert!(matches!(err, AgentError::Remote { errno, .. } if errno == libc::EACCES), "{err:?}");
+        // A directory is no program: another errno.
+        let err = output(&vmm, &ExecRequest::new(["/"]), LONG).unwrap_err();
+        assert!(
+            matches!(err, AgentError::Remote { errno, .. } if errno == libc::EACCES),
+            "{err:?}"
+        );
     }
 
     #[test]
     fn stdin_env_and_cwd() {
         let vmm = vmm_with_agent();
         let input: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 256) as u8).collect();
-        let out = exec_output(&vmm.path, PORT, &ExecRequest::new(["cat"]), Some(&input), LONG).unwrap();
+        let out = exec_output(
+            &vmm.path,
+            PORT,
+            &ExecRequest::new(["cat"]),
+            Some(&input),
+            LONG,
+        )
+        .unwrap();
         assert_eq!(out.status, ExitStatus::Code(0));
-        assert!(out.stdout == input, "cat returned {} bytes", out.stdout.len());
-        let out = exec_output(&vmm.path, PORT, &ExecRequest::new(["wc", "-c"]), Some(b""), LONG).unwrap();
+        assert!(
+            out.stdout == input,
+            "cat returned {} bytes",
+            out.stdout.len()
+        );
+        let out = exec_output(
+            &vmm.path,
+            PORT,
+            &ExecRequest::new(["wc", "-c"]),
+            Some(b""),
+            LONG,
+        )
+        .unwrap();
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0");
-        let req = ExecRequest::shell("pwd; echo \"$GREETING\"").env("GREETING", "hi there").cwd("/");
+        let req = ExecRequest::shell("pwd; echo \"$GREETING\"")
+            .env("GREETING", "hi there")
+            .cwd("/");
         let out = output(&vmm, &req, LONG).unwrap();
         assert_eq!(out.stdout, b"/\nhi there\n");
     }
@@ -646,7 +685,10 @@ mod tests {
         let vmm = Arc::new(vmm_with_agent());
         // The waiter can only finish if the toucher runs while it waits.
         let flag = sock_path("conc");
-        let script = format!("while [ ! -e {0} ]; do sleep 0.02; done; echo seen", flag.display());
+        let script = format!(
+            "while [ ! -e {0} ]; do sleep 0.02; done; echo seen",
+            flag.display()
+        );
         let v = vmm.clone();
         let waiter = thread::spawn(move || output(&v, &ExecRequest::shell(&script), LONG));
         let many: Vec<_> = (0..6)
@@ -658,7 +700,10 @@ mod tests {
         let touch = ExecRequest::new(["touch".to_string(), flag.display().to_string()]);
         assert!(output(&vmm, &touch, LONG).unwrap().status.success());
         for (i, h) in many.into_iter().enumerate() {
-            assert_eq!(h.join().unwrap().unwrap().stdout, format!("{i}\n").as_bytes());
+            assert_eq!(
+                h.join().unwrap().unwrap().stdout,
+                format!("{i}\n").as_bytes()
+            );
         }
         assert_eq!(waiter.join().unwrap().unwrap().stdout, b"seen\n");
         let _ = std::fs::remove_file(&flag);
@@ -678,7 +723,10 @@ mod tests {
             |_| {},
         )
         .unwrap();
-        assert_eq!((status, out.as_slice()), (ExitStatus::Code(0), &b"SHOUT\n"[..]));
+        assert_eq!(
+            (status, out.as_slice()),
+            (ExitStatus::Code(0), &b"SHOUT\n"[..])
+        );
     }
 
     #[test]
@@ -725,7 +773,10 @@ mod tests {
             let _ = s.write_all(&vec![b'O'; 1 << 20]);
         });
         let err = connect(&vmm.path, PORT, LONG).unwrap_err();
-        assert!(matches!(err, AgentError::Protocol(ref m) if m.contains("too long")), "{err:?}");
+        assert!(
+            matches!(err, AgentError::Protocol(ref m) if m.contains("too long")),
+            "{err:?}"
+        );
     }
 
     #[test]
@@ -790,7 +841,10 @@ mod tests {
     fn hostile_oversized_frame_fails_fast() {
         for kind in [Kind::Stdout, Kind::Error] {
             let (err, took) = hostile(header(kind, u32::MAX).to_vec(), false);
-            assert!(matches!(err, AgentError::FrameTooLarge { len } if len == u64::from(u32::MAX)), "{err:?}");
+            assert!(
+                matches!(err, AgentError::FrameTooLarge { len } if len == u64::from(u32::MAX)),
+                "{err:?}"
+            );
             assert!(took < SHORT, "took {took:?}: it waited instead of failing");
         }
     }
@@ -798,12 +852,21 @@ mod tests {
     #[test]
     fn hostile_garbage_is_a_protocol_error() {
         let (err, took) = hostile(b"garbage, not frames\n".to_vec(), false);
-        assert!(matches!(err, AgentError::Protocol(ref m) if m.contains("unknown frame kind")), "{err:?}");
+        assert!(
+            matches!(err, AgentError::Protocol(ref m) if m.contains("unknown frame kind")),
+            "{err:?}"
+        );
         assert!(took < SHORT);
         // A host-side kind from the agent.
-        let exec = Frame::Exec { request: ExecRequest::new(["x"]), stdin: false };
+        let exec = Frame::Exec {
+            request: ExecRequest::new(["x"]),
+            stdin: false,
+        };
         let (err, _) = hostile(exec.encode().unwrap(), false);
-        assert!(matches!(err, AgentError::Protocol(ref m) if m.contains("Exec")), "{err:?}");
+        assert!(
+            matches!(err, AgentError::Protocol(ref m) if m.contains("Exec")),
+            "{err:?}"
+        );
         // A final frame with a bad payload.
         let mut bad_exit = header(Kind::Exit, 3).to_vec();
         bad_exit.extend_from_slice(&[0, 0, 0]);
@@ -828,10 +891,16 @@ mod tests {
         let mut bytes = header(Kind::Stdout, 1000).to_vec();
         bytes.extend_from_slice(&[b'x'; 10]);
         let (err, took) = hostile(bytes, true);
-        assert!(matches!(err, AgentError::Protocol(ref m) if m.contains("inside a frame")), "{err:?}");
+        assert!(
+            matches!(err, AgentError::Protocol(ref m) if m.contains("inside a frame")),
+            "{err:?}"
+        );
         assert!(took < SHORT);
         let (err, _) = hostile(Frame::Stdout(b"hi".to_vec()).encode().unwrap(), true);
-        assert!(matches!(err, AgentError::Protocol(ref m) if m.contains("without an exit status")), "{err:?}");
+        assert!(
+            matches!(err, AgentError::Protocol(ref m) if m.contains("without an exit status")),
+            "{err:?}"
+        );
     }
 
     #[test]
@@ -864,17 +933,104 @@ mod tests {
             while agent.write_all(&chunk).is_ok() {}
         });
         let request = encode_request(&ExecRequest::new(["yes"]), None).unwrap();
-        let err = collect_output(10_000, |sink| run(host, &request, None, deadline_after(LONG), sink))
-            .unwrap_err();
-        assert!(matches!(err, AgentError::OutputTooLarge { limit: 10_000 }), "{err:?}");
+        let err = collect_output(10_000, |sink| {
+            run(host, &request, None, deadline_after(LONG), sink)
+        })
+        .unwrap_err();
+        assert!(
+            matches!(err, AgentError::OutputTooLarge { limit: 10_000 }),
+            "{err:?}"
+        );
+    }
+
+    /// Against a real guest: boot one with `--vsock cid=3,uds=PATH` and `loft_agent=52` on its
+    /// command line (see firmware/build-agent.sh), then
+    /// `LOFT_AGENT_UDS=PATH cargo test -p loft --lib agent_client -- --ignored`.
+    #[test]
+    #[ignore = "needs a running guest: set LOFT_AGENT_UDS"]
+    fn real_guest() {
+        let uds = PathBuf::from(std::env::var("LOFT_AGENT_UDS").expect("LOFT_AGENT_UDS"));
+        let t = Instant::now();
+        wait_for_agent(&uds, PORT, Instant::now() + Duration::from_secs(300)).unwrap();
+        eprintln!("agent up after {:?}", t.elapsed());
+        let timed = |req: &ExecRequest, stdin: Option<&[u8]>| {
+            let t = Instant::now();
+            let out = exec_output(&uds, PORT, req, stdin, Some(Duration::from_secs(120)));
+            eprintln!("{:?}: {:?}", req.argv, t.elapsed());
+            out
+        };
+        let out = timed(&ExecRequest::shell("echo out; echo err >&2; exit 7"), None).unwrap();
+        assert_eq!(
+            (out.status, out.stdout, out.stderr),
+            (ExitStatus::Code(7), b"out\n".to_vec(), b"err\n".to_vec())
+        );
+        let out = timed(&ExecRequest::shell("kill -TERM $$"), None).unwrap();
+        assert_eq!(out.status, ExitStatus::Signal(libc::SIGTERM));
+        let err = timed(&ExecRequest::new(["no-such-command"]), None).unwrap_err();
+        assert!(err.is_not_found(), "{err:?}");
+        let input: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        let out = timed(&ExecRequest::new(["cat"]), Some(&input)).unwrap();
+        assert!(
+            out.status.success() && out.stdout == input,
+            "cat: {} bytes",
+            out.stdout.len()
+        );
+        let out = timed(&ExecRequest::new(["uname", "-r"]), None).unwrap();
+        eprintln!(
+            "guest kernel {}",
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
+        // Concurrent: the waiter finishes only if the toucher runs meanwhile.
+        let u = uds.clone();
+        let waiter = thread::spawn(move || {
+            let req = ExecRequest::shell("while [ ! -e /tmp/flag ]; do sleep 0.1; done; echo seen");
+            exec_output(&u, PORT, &req, None, Some(Duration::from_secs(120)))
+        });
+        assert!(timed(&ExecRequest::new(["touch", "/tmp/flag"]), None)
+            .unwrap()
+            .status
+            .success());
+        assert_eq!(waiter.join().unwrap().unwrap().stdout, b"seen\n");
+        // A timeout on the host kills the command in the guest.
+        let err = exec_output(
+            &uds,
+            PORT,
+            &ExecRequest::new(["sleep", "30"]),
+            None,
+            Some(Duration::from_secs(3)),
+        );
+        assert!(matches!(err, Err(AgentError::Timeout)), "{err:?}");
+        // Nobody on another port: refused.
+        let err = exec_output(
+            &uds,
+            53,
+            &ExecRequest::new(["true"]),
+            None,
+            Some(Duration::from_secs(30)),
+        );
+        assert!(
+            matches!(err, Err(AgentError::Refused { port: 53 })),
+            "{err:?}"
+        );
+        let out = timed(
+            &ExecRequest::shell("sleep 1; ps | grep -c '[s]leep 30'; true"),
+            None,
+        )
+        .unwrap();
+        assert_eq!(out.stdout, b"0\n", "the timed-out command still runs");
     }
 
     #[test]
     fn remote_error_messages_are_bounded() {
-        let frame = Frame::Error { errno: 5, message: "e".repeat(100_000) };
+        let frame = Frame::Error {
+            errno: 5,
+            message: "e".repeat(100_000),
+        };
         let (err, _) = hostile(frame.encode().unwrap(), false);
         match err {
-            AgentError::Remote { errno: 5, message } => assert_eq!(message.len(), MAX_ERROR_MESSAGE),
+            AgentError::Remote { errno: 5, message } => {
+                assert_eq!(message.len(), MAX_ERROR_MESSAGE)
+            }
             e => panic!("{e:?}"),
         }
     }

@@ -85,6 +85,15 @@ pub enum Error {
     /// The VM's result was already collected by an earlier wait.
     #[error("the VM's result was already collected")]
     AlreadyWaited,
+    /// The VM was started without the agent channel.
+    #[error("this VM has no guest agent channel (built with without_agent)")]
+    NoAgent,
+    /// The VM stopped before its agent answered.
+    #[error("the VM stopped before its guest agent answered")]
+    AgentGone,
+    /// Talking to the guest agent failed.
+    #[error("guest agent: {0}")]
+    Agent(#[from] agent_client::AgentError),
     /// The VMM thread panicked (a bug in loft).
     #[error("the VMM thread panicked")]
     VmmPanicked,

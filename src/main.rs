@@ -1,12 +1,13 @@
 //! The `loft` command.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
+use loft::agent_client::ExitStatus;
 use loft::boot_timer::{self, Timeline};
 use loft::config::{self, DiskConfig, MemSize, NetConfig, VmConfig, VsockConfig};
 use loft::console::RawTerminal;
@@ -61,6 +62,10 @@ struct RunArgs {
     /// to stop, and loft was done
     #[arg(long)]
     boot_timer: bool,
+    /// Run this command in the guest (through its agent) instead of showing its console:
+    /// its stdout and stderr become loft's, and loft exits with its exit code
+    #[arg(last = true, value_name = "CMD")]
+    command: Vec<String>,
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -103,7 +108,7 @@ fn vm_config(args: RunArgs) -> Result<VmConfig, loft::Error> {
         cmdline = format!("root=/dev/vda rw {cmdline}");
     }
     disks.extend(args.disk);
-    if std::io::stdin().is_terminal() {
+    if args.command.is_empty() && std::io::stdin().is_terminal() {
         // A person is at the console: the bundled guest's init gives them a shell when there is
         // no command to run.
         cmdline.push_str(" loft_shell=1");
@@ -118,6 +123,66 @@ fn vm_config(args: RunArgs) -> Result<VmConfig, loft::Error> {
         memory: args.memory,
         ..VmConfig::new(kernel)
     })
+}
+
+/// `loft run … -- CMD ARGS`: boots the guest, runs the command through the guest agent with its
+/// output on loft's stdout and stderr, stops the guest, and returns the command's exit code.
+fn run_command(args: RunArgs) -> Result<u8, loft::Error> {
+    let command = args.command.clone();
+    let print_times = args.boot_timer;
+    let config = vm_config(args)?;
+    let vm = loft::VmBuilder::from_config(config)
+        .capture_console()
+        .start()?;
+    install_terminate_handlers();
+    let finished = AtomicBool::new(false);
+    let result = std::thread::scope(|scope| {
+        // Stops the VM on SIGINT/SIGTERM; the exec then ends as the connection closes.
+        scope.spawn(|| {
+            while !finished.load(Ordering::Acquire) {
+                if INTERRUPTED.load(Ordering::Acquire) {
+                    vm.stop();
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        });
+        let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+        let r = vm.exec_streaming(
+            &loft::sandbox::ExecRequest::new(command),
+            |b| {
+                let _ = out.write_all(b).and_then(|_| out.flush());
+            },
+            |b| {
+                let _ = err.write_all(b).and_then(|_| err.flush());
+            },
+        );
+        finished.store(true, Ordering::Release);
+        r
+    });
+    let mut vm = vm;
+    let _ = vm.kill();
+    if print_times {
+        eprintln!("loft-boot-timer: {}", vm.boot_times());
+    }
+    match result {
+        Ok(ExitStatus::Code(c)) => Ok(c.clamp(0, 255) as u8),
+        Ok(ExitStatus::Signal(n)) => Ok((128 + n).clamp(0, 255) as u8),
+        Err(loft::Error::Agent(e)) if e.is_not_found() => {
+            eprintln!("loft: error: {e}");
+            Ok(127)
+        }
+        Err(e) => {
+            // Without the command's output, the guest's console says what went wrong.
+            let console = vm.console_output();
+            let text = String::from_utf8_lossy(&console);
+            let tail: Vec<&str> = text.lines().rev().take(10).collect();
+            for line in tail.iter().rev() {
+                eprintln!("guest console: {line}");
+            }
+            Err(e)
+        }
+    }
 }
 
 fn run(args: RunArgs) -> Result<loft::StopReason, loft::Error> {
@@ -176,6 +241,13 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Command::Run(args) if !args.command.is_empty() => match run_command(args) {
+            Ok(code) => ExitCode::from(code),
+            Err(e) => {
+                report(&e);
+                ExitCode::FAILURE
+            }
+        },
         Command::Run(args) => match run(args) {
             Ok(reason) if reason.is_clean() => {
                 log::debug!("guest stopped: {reason}");

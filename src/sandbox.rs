@@ -30,10 +30,12 @@ use std::time::{Duration, Instant};
 
 use loft_devices::bus::lock;
 
+use crate::agent_client::{self, AgentError, ExitStatus, Output};
 use crate::boot_timer::{BootTimes, Timeline};
 use crate::config::{self, DiskConfig, MemSize, NetConfig, VmConfig, VsockConfig};
 use crate::stop::{StopNotifier, StopReason};
 use crate::{Error, Vmm};
+pub use loft_agent::ExecRequest;
 
 /// Where the guest's console output goes.
 enum Console {
@@ -49,6 +51,25 @@ pub struct VmBuilder {
     rootfs: Option<PathBuf>,
     config: VmConfig,
     console: Console,
+    agent: bool,
+    agent_timeout: Duration,
+}
+
+/// The vsock port the guest agent listens on.
+pub const AGENT_PORT: u32 = 52;
+/// The guest context id of VMs started with the agent.
+pub const AGENT_CID: u64 = 3;
+
+/// How long [`VmHandle::exec`] waits for the guest agent by default: boots take 60–150 s on
+/// nested kvm_pvm hosts.
+pub const DEFAULT_AGENT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// A fresh Unix socket path for a VM's vsock device.
+fn vsock_socket_path() -> PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    std::env::temp_dir().join(format!("loft-{}-{n}.vsock", std::process::id()))
 }
 
 impl Default for VmBuilder {
@@ -66,7 +87,32 @@ impl VmBuilder {
             rootfs: None,
             config: VmConfig::new(PathBuf::new()),
             console: Console::Discard,
+            agent: true,
+            agent_timeout: DEFAULT_AGENT_TIMEOUT,
         }
+    }
+
+    /// A builder for exactly `config` (its kernel, initrd, disks, …): no bundled defaults.
+    pub fn from_config(config: VmConfig) -> Self {
+        Self {
+            kernel: Some(config.kernel.clone()),
+            initrd: config.initrd.clone(),
+            config,
+            ..Self::new()
+        }
+    }
+
+    /// Leaves out the guest agent channel (vsock device and `loft_agent=` parameter), for
+    /// guests without the agent. [`VmHandle::exec`] then fails.
+    pub fn without_agent(mut self) -> Self {
+        self.agent = false;
+        self
+    }
+
+    /// How long [`VmHandle::exec`] waits for the guest agent to answer.
+    pub fn agent_timeout(mut self, timeout: Duration) -> Self {
+        self.agent_timeout = timeout;
+        self
     }
 
     /// Boots this kernel (ELF vmlinux or bzImage) instead of the bundled one.
@@ -177,6 +223,15 @@ impl VmBuilder {
             );
             config.cmdline = format!("root=/dev/vda rw {}", config.cmdline);
         }
+        if self.agent {
+            if config.vsock.is_none() {
+                config.vsock = Some(VsockConfig {
+                    cid: AGENT_CID,
+                    uds: vsock_socket_path(),
+                });
+            }
+            config.cmdline = format!("loft_agent={AGENT_PORT} {}", config.cmdline);
+        }
         Ok(config)
     }
 
@@ -214,6 +269,12 @@ impl VmBuilder {
             done,
             captured,
             timeline,
+            agent: self
+                .agent
+                .then(|| config.vsock.clone())
+                .flatten()
+                .map(|v| v.uds),
+            agent_timeout: self.agent_timeout,
         })
     }
 }
@@ -264,9 +325,60 @@ pub struct VmHandle {
     done: Arc<Done>,
     captured: Arc<Mutex<Vec<u8>>>,
     timeline: Arc<Timeline>,
+    agent: Option<PathBuf>,
+    agent_timeout: Duration,
 }
 
 impl VmHandle {
+    /// Runs a command in the guest through its agent and returns its exit status and output.
+    /// Waits for the agent first (the guest may still be booting). Several execs may run at
+    /// once, from several threads.
+    pub fn exec(&self, cmd: &ExecRequest) -> Result<Output, Error> {
+        let mut out = Vec::new();
+        let mut err = Vec::new();
+        let status = self.exec_streaming(
+            cmd,
+            |b| out.extend_from_slice(b),
+            |b| err.extend_from_slice(b),
+        )?;
+        Ok(Output {
+            status,
+            stdout: out,
+            stderr: err,
+        })
+    }
+
+    /// Like [`VmHandle::exec`], passing the command's stdout and stderr to the callbacks as they
+    /// arrive.
+    pub fn exec_streaming(
+        &self,
+        cmd: &ExecRequest,
+        on_stdout: impl FnMut(&[u8]),
+        on_stderr: impl FnMut(&[u8]),
+    ) -> Result<ExitStatus, Error> {
+        let uds = self.agent.as_deref().ok_or(Error::NoAgent)?;
+        let deadline = Instant::now() + self.agent_timeout;
+        let stream = loop {
+            if self.is_finished() {
+                return Err(Error::AgentGone);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::Agent(AgentError::Timeout));
+            }
+            match agent_client::connect(uds, AGENT_PORT, Some(left.min(Duration::from_secs(5)))) {
+                Ok(stream) => break stream,
+                // Not listening yet (the guest is booting), or the device not up yet.
+                Err(AgentError::Refused { .. } | AgentError::Timeout | AgentError::Io(_)) => {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => return Err(Error::Agent(e)),
+            }
+        };
+        agent_client::exec_on_stream(stream, cmd, None, None, on_stdout, on_stderr)
+            .map_err(Error::Agent)
+    }
+
     /// Waits for the VM to stop and says why. After the first call that returns the reason,
     /// later calls return [`Error::AlreadyWaited`].
     pub fn wait(&mut self) -> Result<StopReason, Error> {
@@ -394,8 +506,18 @@ mod tests {
         assert_eq!(c.disks[0].path, PathBuf::from("/root.ext4"));
         assert_eq!(c.disks[1].path, PathBuf::from("/d.img"));
         assert!(c.disks[1].read_only);
-        assert_eq!(c.cmdline, "root=/dev/vda rw quiet");
+        assert_eq!(c.cmdline, "loft_agent=52 root=/dev/vda rw quiet");
         assert_eq!(c.initrd, None);
+        let v = c.vsock.unwrap();
+        assert_eq!(v.cid, AGENT_CID);
+        let c2 = VmBuilder::new().kernel("/k").config().unwrap();
+        assert_ne!(c2.vsock.unwrap().uds, v.uds, "every VM gets its own socket");
+        let c3 = VmBuilder::new()
+            .kernel("/k")
+            .without_agent()
+            .config()
+            .unwrap();
+        assert!(c3.vsock.is_none() && !c3.cmdline.contains("loft_agent"));
     }
 
     #[test]

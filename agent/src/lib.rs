@@ -1,0 +1,912 @@
+//! The wire protocol between loft (the host) and `loft-agent` (the guest), and the agent's
+//! connection handler ([`server`]).
+//!
+//! # Transport
+//!
+//! One stream connection per command: the agent listens on a vsock port (default
+//! [`DEFAULT_PORT`]); the host reaches it through the VMM's Unix socket in Firecracker's
+//! convention (`CONNECT <port>\n` → `OK <hostport>\n`, then a byte stream), see
+//! `loft::agent_client`. Everything below is what flows on that byte stream.
+//!
+//! # Frames
+//!
+//! ```text
+//! [kind: u8][len: u32 little-endian][payload: len bytes]      len <= MAX_FRAME (1 MiB)
+//! ```
+//!
+//! A reader checks `kind` (known, and sent by the right side) and `len` (at most
+//! [`MAX_FRAME`]) from the 5-byte header *before* it reads or allocates anything for the
+//! payload, and the payload buffer only grows as bytes actually arrive, so a peer that claims
+//! 4 GiB costs nothing.
+//!
+//! | kind | name | direction | payload |
+//! | --- | --- | --- | --- |
+//! | `0x01` | `Exec` | host → agent | the request, below (exactly one, first) |
+//! | `0x02` | `Stdin` | host → agent | bytes for the command's stdin (only if the `stdin` flag was set) |
+//! | `0x03` | `StdinEof` | host → agent | empty: close the command's stdin |
+//! | `0x81` | `Stdout` | agent → host | a chunk of the command's stdout, as produced |
+//! | `0x82` | `Stderr` | agent → host | a chunk of the command's stderr, as produced |
+//! | `0x83` | `Exit` | agent → host | `i32` LE: the exit code (final frame) |
+//! | `0x84` | `Signal` | agent → host | `i32` LE (> 0): the signal that killed the command (final frame) |
+//! | `0x85` | `Error` | agent → host | `i32` LE errno (0 if none) + UTF-8 message (final frame) |
+//!
+//! The `Exec` payload (every integer little-endian, every string `u32` length +
+//! UTF-8 bytes, at most [`MAX_STRING`] bytes, no NUL byte):
+//!
+//! ```text
+//! u8  version = PROTOCOL_VERSION (1)
+//! u8  flags: bit 0 = stdin frames follow (else the command's stdin is /dev/null); others 0
+//! u32 argc (1..=MAX_ARGS), then argc strings (argv[0] non-empty; looked up in $PATH)
+//! u32 envc (0..=MAX_ENV), then envc (name, value) string pairs (name non-empty, no '='),
+//!     added to the agent's environment
+//! u8  has_cwd (0 or 1), then the working directory string if 1
+//! (nothing after it)
+//! ```
+//!
+//! # Conversation
+//!
+//! 1. The host sends `Exec`, then, if it set the stdin flag, any number of `Stdin` frames and
+//!    one `StdinEof` (which it may send at any time; the agent drops input the command does
+//!    not read).
+//! 2. The agent answers with `Stdout` / `Stderr` frames as the command writes (the two streams
+//!    are kept apart; their relative order is not preserved), then **exactly one** final frame:
+//!    `Exit`, `Signal`, or `Error`. Output ends when both pipes are closed, i.e. when the
+//!    command *and* anything it left running in the background with those pipes open are done.
+//! 3. `Error` means the command did not run to completion: it could not be started (the errno
+//!    says why: `ENOENT` = 2 for a missing command or working directory, `EACCES` = 13, ...),
+//!    or the host broke the protocol (errno 0). The host maps it to an error, not to an exit
+//!    status (a caller wanting shell semantics maps `ENOENT` to 127).
+//! 4. The host keeps its end open until it has read the final frame, then closes. If the host
+//!    closes (or the stream breaks) before that, the agent kills the command (`SIGKILL`).
+//!
+//! A malformed, oversized or unexpected frame from the host makes the agent answer `Error`
+//! (errno 0) and close that connection; other connections are not affected. The host treats
+//! anything unexpected from the agent the same way, as a typed error.
+
+use std::io::{self, Read, Write};
+
+pub mod server;
+
+/// The vsock port the agent listens on by default.
+pub const DEFAULT_PORT: u32 = 52;
+/// Largest frame payload either side accepts (and sends).
+pub const MAX_FRAME: u32 = 1 << 20;
+/// Bytes in a frame header: kind (1) + length (4).
+pub const HEADER_LEN: usize = 5;
+/// Most `argv` words in an `Exec` request.
+pub const MAX_ARGS: usize = 4096;
+/// Most environment variables in an `Exec` request.
+pub const MAX_ENV: usize = 4096;
+/// Longest string in an `Exec` request (Linux's `MAX_ARG_STRLEN`).
+pub const MAX_STRING: usize = 128 * 1024;
+/// Version byte at the start of an `Exec` payload.
+pub const PROTOCOL_VERSION: u8 = 1;
+/// Size of the data chunks both sides put in one `Stdin` / `Stdout` / `Stderr` frame.
+pub const CHUNK: usize = 64 * 1024;
+
+const FLAG_STDIN: u8 = 1;
+
+/// A frame's kind byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    /// Host → agent: the command to run.
+    Exec = 0x01,
+    /// Host → agent: stdin bytes.
+    Stdin = 0x02,
+    /// Host → agent: end of stdin.
+    StdinEof = 0x03,
+    /// Agent → host: stdout bytes.
+    Stdout = 0x81,
+    /// Agent → host: stderr bytes.
+    Stderr = 0x82,
+    /// Agent → host: exit code (final).
+    Exit = 0x83,
+    /// Agent → host: killed by a signal (final).
+    Signal = 0x84,
+    /// Agent → host: the command could not be run (final).
+    Error = 0x85,
+}
+
+impl Kind {
+    /// The kind for a byte, if it is one.
+    pub fn from_u8(b: u8) -> Option<Kind> {
+        Some(match b {
+            0x01 => Kind::Exec,
+            0x02 => Kind::Stdin,
+            0x03 => Kind::StdinEof,
+            0x81 => Kind::Stdout,
+            0x82 => Kind::Stderr,
+            0x83 => Kind::Exit,
+            0x84 => Kind::Signal,
+            0x85 => Kind::Error,
+            _ => return None,
+        })
+    }
+
+    /// Which side sends frames of this kind.
+    pub fn sender(self) -> Peer {
+        if (self as u8) < 0x80 {
+            Peer::Host
+        } else {
+            Peer::Agent
+        }
+    }
+}
+
+/// One side of the conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    /// loft, on the host.
+    Host,
+    /// loft-agent, in the guest.
+    Agent,
+}
+
+/// What can be wrong with a frame, or with the stream carrying frames.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    /// A header announced more than [`MAX_FRAME`] bytes (nothing was allocated for it).
+    #[error("frame of {len} bytes exceeds the limit of {MAX_FRAME} bytes")]
+    FrameTooLarge {
+        /// The announced payload length.
+        len: u64,
+    },
+    /// A header's kind byte is no known kind.
+    #[error("unknown frame kind {0:#04x}")]
+    UnknownKind(u8),
+    /// A known kind, but not one this side may receive (or not at this point).
+    #[error("unexpected {0:?} frame")]
+    Unexpected(Kind),
+    /// The stream ended inside a frame.
+    #[error("stream ended inside a frame")]
+    Truncated,
+    /// A payload that does not decode.
+    #[error("malformed {kind:?} frame: {reason}")]
+    Malformed {
+        /// The frame's kind.
+        kind: Kind,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The stream failed.
+    #[error("i/o error: {0}")]
+    Io(#[from] io::Error),
+}
+
+fn malformed(kind: Kind, reason: impl Into<String>) -> ProtocolError {
+    ProtocolError::Malformed {
+        kind,
+        reason: reason.into(),
+    }
+}
+
+/// What the host asks the agent to run.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ExecRequest {
+    /// The program (looked up in `$PATH` unless it contains a `/`) and its arguments.
+    pub argv: Vec<String>,
+    /// Environment variables added to (or replacing those of) the agent's environment.
+    pub env: Vec<(String, String)>,
+    /// Working directory; the agent's (`/`) when `None`.
+    pub cwd: Option<String>,
+}
+
+impl ExecRequest {
+    /// A request to run `argv`.
+    pub fn new<I, S>(argv: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        ExecRequest {
+            argv: argv.into_iter().map(Into::into).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// A request to run `/bin/sh -c script`.
+    pub fn shell(script: &str) -> Self {
+        Self::new(["/bin/sh", "-c", script])
+    }
+
+    /// Adds an environment variable.
+    pub fn env(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((name.into(), value.into()));
+        self
+    }
+
+    /// Sets the working directory.
+    pub fn cwd(mut self, dir: impl Into<String>) -> Self {
+        self.cwd = Some(dir.into());
+        self
+    }
+
+    /// Checks every bound and rule of the `Exec` payload (the same checks the agent makes).
+    pub fn validate(&self) -> Result<(), ProtocolError> {
+        let bad = |r: &str| Err(malformed(Kind::Exec, r));
+        if self.argv.is_empty() {
+            return bad("empty argv");
+        }
+        if self.argv[0].is_empty() {
+            return bad("empty program name");
+        }
+        if self.argv.len() > MAX_ARGS {
+            return bad("too many arguments");
+        }
+        if self.env.len() > MAX_ENV {
+            return bad("too many environment variables");
+        }
+        let strings = self
+            .argv
+            .iter()
+            .chain(self.env.iter().flat_map(|(k, v)| [k, v]))
+            .chain(self.cwd.iter());
+        for s in strings {
+            check_string(s.as_bytes())?;
+        }
+        for (k, _) in &self.env {
+            if k.is_empty() || k.contains('=') {
+                return bad("environment variable name empty or containing '='");
+            }
+        }
+        Ok(())
+    }
+
+    /// The `Exec` payload; `stdin` says whether `Stdin` frames will follow.
+    pub fn encode(&self, stdin: bool) -> Result<Vec<u8>, ProtocolError> {
+        self.validate()?;
+        let mut out = vec![PROTOCOL_VERSION, if stdin { FLAG_STDIN } else { 0 }];
+        let put_str = |out: &mut Vec<u8>, s: &str| {
+            out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+            out.extend_from_slice(s.as_bytes());
+        };
+        out.extend_from_slice(&(self.argv.len() as u32).to_le_bytes());
+        for a in &self.argv {
+            put_str(&mut out, a);
+        }
+        out.extend_from_slice(&(self.env.len() as u32).to_le_bytes());
+        for (k, v) in &self.env {
+            put_str(&mut out, k);
+            put_str(&mut out, v);
+        }
+        match &self.cwd {
+            Some(dir) => {
+                out.push(1);
+                put_str(&mut out, dir);
+            }
+            None => out.push(0),
+        }
+        if out.len() > MAX_FRAME as usize {
+            return Err(ProtocolError::FrameTooLarge {
+                len: out.len() as u64,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Decodes an `Exec` payload: the request and the stdin flag.
+    pub fn decode(payload: &[u8]) -> Result<(ExecRequest, bool), ProtocolError> {
+        let mut c = Cursor { buf: payload };
+        let version = c.u8()?;
+        if version != PROTOCOL_VERSION {
+            return Err(malformed(
+                Kind::Exec,
+                format!("protocol version {version}, expected {PROTOCOL_VERSION}"),
+            ));
+        }
+        let flags = c.u8()?;
+        if flags & !FLAG_STDIN != 0 {
+            return Err(malformed(Kind::Exec, format!("unknown flags {flags:#04x}")));
+        }
+        let argc = c.count(MAX_ARGS, 1)?;
+        if argc == 0 {
+            return Err(malformed(Kind::Exec, "empty argv"));
+        }
+        let mut argv = Vec::new();
+        for _ in 0..argc {
+            argv.push(c.string()?);
+        }
+        let envc = c.count(MAX_ENV, 2)?;
+        let mut env = Vec::new();
+        for _ in 0..envc {
+            let k = c.string()?;
+            let v = c.string()?;
+            env.push((k, v));
+        }
+        let cwd = match c.u8()? {
+            0 => None,
+            1 => Some(c.string()?),
+            _ => return Err(malformed(Kind::Exec, "bad cwd marker")),
+        };
+        if !c.buf.is_empty() {
+            return Err(malformed(Kind::Exec, "trailing bytes"));
+        }
+        let req = ExecRequest { argv, env, cwd };
+        req.validate()?;
+        Ok((req, flags & FLAG_STDIN != 0))
+    }
+}
+
+fn check_string(s: &[u8]) -> Result<(), ProtocolError> {
+    if s.len() > MAX_STRING {
+        return Err(malformed(Kind::Exec, "string too long"));
+    }
+    if s.contains(&0) {
+        return Err(malformed(Kind::Exec, "NUL byte in a string"));
+    }
+    Ok(())
+}
+
+/// A bounds-checked reader over an `Exec` payload.
+struct Cursor<'a> {
+    buf: &'a [u8],
+}
+
+impl Cursor<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], ProtocolError> {
+        if self.buf.len() < n {
+            return Err(malformed(Kind::Exec, "truncated payload"));
+        }
+        let (head, tail) = self.buf.split_at(n);
+        self.buf = tail;
+        Ok(head)
+    }
+
+    fn u8(&mut self) -> Result<u8, ProtocolError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u32(&mut self) -> Result<u32, ProtocolError> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    /// A count of items of at least `strings_each` strings (4 bytes each at least): bounded by
+    /// `max` and by what the rest of the payload can possibly hold.
+    fn count(&mut self, max: usize, strings_each: usize) -> Result<usize, ProtocolError> {
+        let n = self.u32()? as usize;
+        if n > max || n > self.buf.len() / (4 * strings_each) {
+            return Err(malformed(Kind::Exec, format!("count {n} out of bounds")));
+        }
+        Ok(n)
+    }
+
+    fn string(&mut self) -> Result<String, ProtocolError> {
+        let len = self.u32()? as usize;
+        if len > MAX_STRING {
+            return Err(malformed(Kind::Exec, "string too long"));
+        }
+        let bytes = self.take(len)?;
+        check_string(bytes)?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| malformed(Kind::Exec, "string not UTF-8"))
+    }
+}
+
+/// A decoded frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// The command; `stdin`: `Stdin` frames follow.
+    Exec {
+        /// What to run.
+        request: ExecRequest,
+        /// Whether the command's stdin is a pipe fed by `Stdin` frames.
+        stdin: bool,
+    },
+    /// Bytes for the command's stdin.
+    Stdin(Vec<u8>),
+    /// End of the command's stdin.
+    StdinEof,
+    /// A chunk of stdout.
+    Stdout(Vec<u8>),
+    /// A chunk of stderr.
+    Stderr(Vec<u8>),
+    /// The command exited with this code.
+    Exit(i32),
+    /// The command was killed by this signal.
+    Signal(i32),
+    /// The command could not be run.
+    Error {
+        /// The OS error number, 0 if none.
+        errno: i32,
+        /// What happened.
+        message: String,
+    },
+}
+
+impl Frame {
+    /// This frame's kind.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Frame::Exec { .. } => Kind::Exec,
+            Frame::Stdin(_) => Kind::Stdin,
+            Frame::StdinEof => Kind::StdinEof,
+            Frame::Stdout(_) => Kind::Stdout,
+            Frame::Stderr(_) => Kind::Stderr,
+            Frame::Exit(_) => Kind::Exit,
+            Frame::Signal(_) => Kind::Signal,
+            Frame::Error { .. } => Kind::Error,
+        }
+    }
+
+    /// The whole frame, header included, ready for one `write_all`.
+    pub fn encode(&self) -> Result<Vec<u8>, ProtocolError> {
+        let payload = match self {
+            Frame::Exec { request, stdin } => request.encode(*stdin)?,
+            Frame::Stdin(d) | Frame::Stdout(d) | Frame::Stderr(d) => d.clone(),
+            Frame::StdinEof => Vec::new(),
+            Frame::Exit(v) | Frame::Signal(v) => v.to_le_bytes().to_vec(),
+            Frame::Error { errno, message } => {
+                let mut p = errno.to_le_bytes().to_vec();
+                // Keep the message within the limit (cut at a char boundary).
+                let mut end = message.len().min(MAX_FRAME as usize - 4);
+                while !message.is_char_boundary(end) {
+                    end -= 1;
+                }
+                p.extend_from_slice(&message.as_bytes()[..end]);
+                p
+            }
+        };
+        if payload.len() > MAX_FRAME as usize {
+            return Err(ProtocolError::FrameTooLarge {
+                len: payload.len() as u64,
+            });
+        }
+        let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+        out.extend_from_slice(&header(self.kind(), payload.len() as u32));
+        out.extend_from_slice(&payload);
+        Ok(out)
+    }
+
+    /// Decodes a payload of a given kind.
+    pub fn decode(kind: Kind, payload: &[u8]) -> Result<Frame, ProtocolError> {
+        let i32_payload = || -> Result<i32, ProtocolError> {
+            let b: [u8; 4] = payload
+                .try_into()
+                .map_err(|_| malformed(kind, format!("{} bytes, expected 4", payload.len())))?;
+            Ok(i32::from_le_bytes(b))
+        };
+        Ok(match kind {
+            Kind::Exec => {
+                let (request, stdin) = ExecRequest::decode(payload)?;
+                Frame::Exec { request, stdin }
+            }
+            Kind::Stdin => Frame::Stdin(payload.to_vec()),
+            Kind::StdinEof if payload.is_empty() => Frame::StdinEof,
+            Kind::StdinEof => return Err(malformed(kind, "payload not empty")),
+            Kind::Stdout => Frame::Stdout(payload.to_vec()),
+            Kind::Stderr => Frame::Stderr(payload.to_vec()),
+            Kind::Exit => Frame::Exit(i32_payload()?),
+            Kind::Signal => match i32_payload()? {
+                s if s > 0 => Frame::Signal(s),
+                s => return Err(malformed(kind, format!("signal {s}"))),
+            },
+            Kind::Error => {
+                if payload.len() < 4 {
+                    return Err(malformed(kind, "shorter than its errno"));
+                }
+                let errno = i32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
+                Frame::Error {
+                    errno,
+                    message: String::from_utf8_lossy(&payload[4..]).into_owned(),
+                }
+            }
+        })
+    }
+}
+
+/// A frame header.
+pub fn header(kind: Kind, len: u32) -> [u8; HEADER_LEN] {
+    let l = len.to_le_bytes();
+    [kind as u8, l[0], l[1], l[2], l[3]]
+}
+
+/// Reads one header: `None` on a clean end of stream before its first byte. The kind must be
+/// one `from` sends and the length at most [`MAX_FRAME`].
+pub fn read_header<R: Read + ?Sized>(
+    r: &mut R,
+    from: Peer,
+) -> Result<Option<(Kind, u32)>, ProtocolError> {
+    let mut h = [0u8; HEADER_LEN];
+    let mut got = 0;
+    while got < HEADER_LEN {
+        match r.read(&mut h[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => return Err(ProtocolError::Truncated),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+        // Check the kind as soon as it is there: garbage fails without waiting for more.
+        if got >= 1 {
+            let kind = Kind::from_u8(h[0]).ok_or(ProtocolError::UnknownKind(h[0]))?;
+            if kind.sender() != from {
+                return Err(ProtocolError::Unexpected(kind));
+            }
+        }
+    }
+    let kind = Kind::from_u8(h[0]).ok_or(ProtocolError::UnknownKind(h[0]))?;
+    let len = u32::from_le_bytes([h[1], h[2], h[3], h[4]]);
+    if len > MAX_FRAME {
+        return Err(ProtocolError::FrameTooLarge { len: len.into() });
+    }
+    Ok(Some((kind, len)))
+}
+
+/// Reads one whole frame sent by `from`: `None` on a clean end of stream between frames.
+///
+/// The payload buffer grows only as bytes arrive (never to the announced size up front).
+pub fn read_frame<R: Read + ?Sized>(r: &mut R, from: Peer) -> Result<Option<Frame>, ProtocolError> {
+    let Some((kind, len)) = read_header(r, from)? else {
+        return Ok(None);
+    };
+    let mut payload = Vec::new();
+    // read_to_end retries EINTR itself, and grows the buffer only as data comes in.
+    (&mut *r).take(len.into()).read_to_end(&mut payload)?;
+    if payload.len() < len as usize {
+        return Err(ProtocolError::Truncated);
+    }
+    Frame::decode(kind, &payload).map(Some)
+}
+
+/// Writes one frame with a single `write_all`.
+pub fn write_frame<W: Write + ?Sized>(w: &mut W, frame: &Frame) -> Result<(), ProtocolError> {
+    let bytes = frame.encode()?;
+    w.write_all(&bytes)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    /// Records the largest allocation made by the current thread, so that tests can check that
+    /// a hostile length was never allocated.
+    struct TrackingAlloc;
+
+    thread_local! {
+        static LARGEST: Cell<usize> = const { Cell::new(0) };
+    }
+
+    fn note(size: usize) {
+        let _ = LARGEST.try_with(|c| c.set(c.get().max(size)));
+    }
+
+    // SAFETY: forwards every call to the system allocator unchanged.
+    unsafe impl GlobalAlloc for TrackingAlloc {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            note(layout.size());
+            System.alloc(layout)
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            System.dealloc(ptr, layout)
+        }
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            note(new_size);
+            System.realloc(ptr, layout, new_size)
+        }
+    }
+
+    #[global_allocator]
+    static ALLOC: TrackingAlloc = TrackingAlloc;
+
+    /// Runs `f` and returns its result and the largest allocation it made on this thread.
+    fn largest_alloc<T>(f: impl FnOnce() -> T) -> (T, usize) {
+        LARGEST.with(|c| c.set(0));
+        let r = f();
+        (r, LARGEST.with(|c| c.get()))
+    }
+
+    fn sample_request() -> ExecRequest {
+        ExecRequest::new(["/bin/echo", "héllo", ""])
+            .env("A", "1")
+            .env("EMPTY", "")
+            .cwd("/tmp")
+    }
+
+    fn all_frames() -> Vec<Frame> {
+        vec![
+            Frame::Exec {
+                request: sample_request(),
+                stdin: true,
+            },
+            Frame::Exec {
+                request: ExecRequest::new(["true"]),
+                stdin: false,
+            },
+            Frame::Stdin(b"in".to_vec()),
+            Frame::StdinEof,
+            Frame::Stdout(b"out\n".to_vec()),
+            Frame::Stdout(Vec::new()),
+            Frame::Stderr(vec![0, 255, 10]),
+            Frame::Exit(7),
+            Frame::Exit(-1),
+            Frame::Signal(9),
+            Frame::Error {
+                errno: 2,
+                message: "not found".into(),
+            },
+        ]
+    }
+
+    fn roundtrip(f: &Frame) -> Frame {
+        let bytes = f.encode().unwrap();
+        let mut r = &bytes[..];
+        let got = read_frame(&mut r, f.kind().sender()).unwrap().unwrap();
+        assert!(r.is_empty(), "frame not fully consumed");
+        got
+    }
+
+    #[test]
+    fn every_frame_round_trips() {
+        for f in all_frames() {
+            assert_eq!(roundtrip(&f), f);
+        }
+    }
+
+    #[test]
+    fn frames_back_to_back_then_clean_eof() {
+        let mut bytes = Vec::new();
+        let frames: Vec<Frame> = all_frames()
+            .into_iter()
+            .filter(|f| f.kind().sender() == Peer::Agent)
+            .collect();
+        for f in &frames {
+            write_frame(&mut bytes, f).unwrap();
+        }
+        let mut r = &bytes[..];
+        for f in &frames {
+            assert_eq!(&read_frame(&mut r, Peer::Agent).unwrap().unwrap(), f);
+        }
+        assert!(read_frame(&mut r, Peer::Agent).unwrap().is_none());
+    }
+
+    #[test]
+    fn header_layout_is_kind_then_le_length() {
+        let b = Frame::Stdout(b"abc".to_vec()).encode().unwrap();
+        assert_eq!(b, [0x81, 3, 0, 0, 0, b'a', b'b', b'c']);
+        assert_eq!(
+            Frame::Exit(7).encode().unwrap(),
+            [0x83, 4, 0, 0, 0, 7, 0, 0, 0]
+        );
+    }
+
+    #[test]
+    fn truncated_frames_are_errors_not_eof() {
+        let bytes = Frame::Stdout(b"hello".to_vec()).encode().unwrap();
+        for cut in 1..bytes.len() {
+            let mut r = &bytes[..cut];
+            match read_frame(&mut r, Peer::Agent) {
+                Err(ProtocolError::Truncated) => {}
+                other => panic!("cut at {cut}: {other:?}"),
+            }
+        }
+        let mut empty: &[u8] = &[];
+        assert!(read_frame(&mut empty, Peer::Agent).unwrap().is_none());
+    }
+
+    #[test]
+    fn oversized_length_fails_fast_without_allocating() {
+        // A header claiming 4 GiB, and one claiming just over the limit, followed by no data.
+        for len in [u32::MAX, MAX_FRAME + 1] {
+            let mut bytes = vec![Kind::Stdout as u8];
+            bytes.extend_from_slice(&len.to_le_bytes());
+            let mut r = &bytes[..];
+            let (res, largest) = largest_alloc(|| read_frame(&mut r, Peer::Agent));
+            match res {
+                Err(ProtocolError::FrameTooLarge { len: l }) => assert_eq!(l, u64::from(len)),
+                other => panic!("{other:?}"),
+            }
+            assert!(largest < 4096, "allocated {largest} bytes");
+        }
+    }
+
+    #[test]
+    fn claimed_length_is_not_allocated_up_front() {
+        // A legal 1 MiB claim with 10 bytes behind it: truncated, and no 1 MiB buffer.
+        let mut bytes = header(Kind::Stdout, MAX_FRAME).to_vec();
+        bytes.extend_from_slice(&[1; 10]);
+        let mut r = &bytes[..];
+        let (res, largest) = largest_alloc(|| read_frame(&mut r, Peer::Agent));
+        assert!(matches!(res, Err(ProtocolError::Truncated)), "{res:?}");
+        assert!(largest < 64 * 1024, "allocated {largest} bytes");
+    }
+
+    #[test]
+    fn max_frame_is_accepted() {
+        let f = Frame::Stdout(vec![7; MAX_FRAME as usize]);
+        assert_eq!(roundtrip(&f), f);
+        let too_big = Frame::Stdout(vec![7; MAX_FRAME as usize + 1]);
+        assert!(matches!(
+            too_big.encode(),
+            Err(ProtocolError::FrameTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn unknown_kinds_fail_on_the_first_byte() {
+        for b in [0x00, 0x04, 0x7f, 0x80, 0x86, 0xff, b'G'] {
+            // Only the kind byte is available: the reader must not wait for the rest.
+            let mut r = &[b][..];
+            match read_frame(&mut r, Peer::Agent) {
+                Err(ProtocolError::UnknownKind(k)) => assert_eq!(k, b),
+                other => panic!("{b:#x}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn kinds_from_the_wrong_side_are_rejected() {
+        let exec = Frame::Exec {
+            request: ExecRequest::new(["true"]),
+            stdin: false,
+        }
+        .encode()
+        .unwrap();
+        let mut r = &exec[..];
+        assert!(matches!(
+            read_frame(&mut r, Peer::Agent),
+            Err(ProtocolError::Unexpected(Kind::Exec))
+        ));
+        let out = Frame::Exit(0).encode().unwrap();
+        let mut r = &out[..];
+        assert!(matches!(
+            read_frame(&mut r, Peer::Host),
+            Err(ProtocolError::Unexpected(Kind::Exit))
+        ));
+    }
+
+    #[test]
+    fn fixed_size_payloads_are_checked() {
+        for (kind, payload) in [
+            (Kind::Exit, &[1u8, 2, 3][..]),
+            (Kind::Exit, &[0; 5][..]),
+            (Kind::Signal, &[0; 4][..]),
+            (Kind::Signal, &(-3i32).to_le_bytes()[..]),
+            (Kind::StdinEof, &[1][..]),
+            (Kind::Error, &[1, 2][..]),
+        ] {
+            assert!(
+                matches!(
+                    Frame::decode(kind, payload),
+                    Err(ProtocolError::Malformed { .. })
+                ),
+                "{kind:?} {payload:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn error_message_is_lossy_utf8() {
+        let mut p = 2i32.to_le_bytes().to_vec();
+        p.extend_from_slice(b"bad \xff byte");
+        match Frame::decode(Kind::Error, &p).unwrap() {
+            Frame::Error { errno: 2, message } => assert!(message.starts_with("bad ")),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Builds an Exec payload by hand.
+    fn exec_payload(argc: u32, args: &[&[u8]], envc: u32, env: &[&[u8]], tail: &[u8]) -> Vec<u8> {
+        let mut p = vec![PROTOCOL_VERSION, 0];
+        p.extend_from_slice(&argc.to_le_bytes());
+        for a in args {
+            p.extend_from_slice(&(a.len() as u32).to_le_bytes());
+            p.extend_from_slice(a);
+        }
+        p.extend_from_slice(&envc.to_le_bytes());
+        for e in env {
+            p.extend_from_slice(&(e.len() as u32).to_le_bytes());
+            p.extend_from_slice(e);
+        }
+        p.extend_from_slice(tail);
+        p
+    }
+
+    fn decode_err(p: &[u8]) -> String {
+        match ExecRequest::decode(p) {
+            Err(ProtocolError::Malformed { reason, .. }) => reason,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn exec_payload_hand_built_decodes() {
+        let p = exec_payload(2, &[b"ls", b"-l"], 1, &[b"K", b"V"], &[0]);
+        let (req, stdin) = ExecRequest::decode(&p).unwrap();
+        assert_eq!(req, ExecRequest::new(["ls", "-l"]).env("K", "V"));
+        assert!(!stdin);
+    }
+
+    #[test]
+    fn exec_counts_are_bounded() {
+        // Counts that the limits, or the bytes actually present, cannot satisfy.
+        for argc in [u32::MAX, MAX_ARGS as u32 + 1, 1000] {
+            let p = exec_payload(argc, &[b"x"], 0, &[], &[0]);
+            let (res, largest) = largest_alloc(|| ExecRequest::decode(&p));
+            assert!(
+                matches!(res, Err(ProtocolError::Malformed { .. })),
+                "{res:?}"
+            );
+            assert!(largest < 4096, "argc {argc}: allocated {largest} bytes");
+        }
+        let p = exec_payload(1, &[b"x"], u32::MAX, &[], &[0]);
+        assert!(decode_err(&p).contains("out of bounds"));
+        let p = exec_payload(0, &[], 0, &[], &[0]);
+        assert!(decode_err(&p).contains("empty argv"));
+    }
+
+    #[test]
+    fn exec_strings_are_bounded_and_checked() {
+        // A string claiming more than MAX_STRING.
+        let mut p = vec![PROTOCOL_VERSION, 0];
+        p.extend_from_slice(&1u32.to_le_bytes());
+        p.extend_from_slice(&u32::MAX.to_le_bytes());
+        p.extend_from_slice(&[b'a'; 8]);
+        assert!(decode_err(&p).contains("too long"));
+        // A string longer than what is left.
+        let mut p = vec![PROTOCOL_VERSION, 0];
+        p.extend_from_slice(&1u32.to_le_bytes());
+        p.extend_from_slice(&100u32.to_le_bytes());
+        p.extend_from_slice(b"ab");
+        assert!(decode_err(&p).contains("truncated"));
+        assert!(decode_err(&exec_payload(1, &[b"a\0b"], 0, &[], &[0])).contains("NUL"));
+        assert!(decode_err(&exec_payload(1, &[b"\xff"], 0, &[], &[0])).contains("UTF-8"));
+        assert!(decode_err(&exec_payload(1, &[b""], 0, &[], &[0])).contains("program"));
+        assert!(decode_err(&exec_payload(1, &[b"x"], 1, &[b"A=B", b"v"], &[0])).contains("'='"));
+        assert!(decode_err(&exec_payload(1, &[b"x"], 1, &[b"", b"v"], &[0])).contains("'='"));
+    }
+
+    #[test]
+    fn exec_header_fields_are_checked() {
+        let good = exec_payload(1, &[b"x"], 0, &[], &[0]);
+        let mut p = good.clone();
+        p[0] = 9;
+        assert!(decode_err(&p).contains("version"));
+        let mut p = good.clone();
+        p[1] = 0x80;
+        assert!(decode_err(&p).contains("flags"));
+        let mut p = good.clone();
+        *p.last_mut().unwrap() = 2;
+        assert!(decode_err(&p).contains("cwd"));
+        let mut p = good.clone();
+        p.push(0);
+        assert!(decode_err(&p).contains("trailing"));
+        for cut in 0..good.len() {
+            assert!(ExecRequest::decode(&good[..cut]).is_err(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn encode_refuses_what_decode_would_refuse() {
+        assert!(ExecRequest::default().encode(false).is_err());
+        assert!(ExecRequest::new(["a\0"]).encode(false).is_err());
+        assert!(ExecRequest::new(["a"])
+            .env("X=Y", "1")
+            .encode(false)
+            .is_err());
+        let huge = "x".repeat(MAX_STRING + 1);
+        assert!(ExecRequest::new([huge]).encode(false).is_err());
+        // Many legal strings adding up to more than MAX_FRAME.
+        let big = "y".repeat(MAX_STRING);
+        let req = ExecRequest::new(vec![big; 9]);
+        assert!(matches!(
+            req.encode(false),
+            Err(ProtocolError::FrameTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn error_frame_message_is_kept_within_the_limit() {
+        let f = Frame::Error {
+            errno: 0,
+            message: "é".repeat(MAX_FRAME as usize),
+        };
+        let bytes = f.encode().unwrap();
+        assert!(bytes.len() <= HEADER_LEN + MAX_FRAME as usize);
+        let mut r = &bytes[..];
+        assert!(read_frame(&mut r, Peer::Agent).unwrap().is_some());
+    }
+}

@@ -1,0 +1,660 @@
+//! The agent's side of one connection, over any byte stream (a vsock socket in the guest, a
+//! Unix socket in tests).
+//!
+//! Per connection: the thread that runs [`handle_connection`] reads the `Exec` frame, starts
+//! the command with stdout and stderr piped separately, and then only coordinates; one thread
+//! per pipe relays its output as frames as soon as it is read (one `read` and one `write` per
+//! chunk), and one thread reads the host's further frames (stdin, and the end of the stream,
+//! which means the host gave up: the command is killed). Nothing polls: every thread blocks
+//! in a read or on a channel.
+
+use std::io::{BufReader, Read, Write};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use crate::{header, read_frame, ExecRequest, Frame, Kind, Peer, ProtocolError, CHUNK, HEADER_LEN};
+
+/// Most connections served at once; more are answered with `Error` and closed.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// Stack size of the agent's threads (they only shuffle bytes).
+const STACK_SIZE: usize = 128 * 1024;
+
+/// How a connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The stream ended before a request (e.g. a readiness probe).
+    Closed,
+    /// The request was refused with an `Error` frame (malformed, or the agent is busy).
+    Rejected(String),
+    /// The command could not be started; `Error` was sent.
+    SpawnFailed(String),
+    /// The command ran and its `Exit` / `Signal` frame was sent (or the host was gone by then).
+    Finished(Frame),
+    /// The host left before the end: the command was killed.
+    Abandoned,
+    /// The host broke the protocol while the command ran: `Error` was sent, the command killed.
+    Aborted(String),
+}
+
+/// The write half, shared by the relays and the coordinator. Once the final frame is out (or a
+/// write failed), nothing more is written.
+struct Sink<W> {
+    w: W,
+    closed: bool,
+}
+
+type SharedSink<W> = Arc<Mutex<Sink<W>>>;
+
+/// Writes `bytes` (whole frames) unless the sink is closed; `final_frame` closes it. Returns
+/// false if nothing could be written.
+fn send<W: Write>(sink: &SharedSink<W>, bytes: &[u8], final_frame: bool) -> bool {
+    let mut s = match sink.lock() {
+        Ok(s) => s,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    if s.closed {
+        return false;
+    }
+    let ok = s.w.write_all(bytes).and_then(|()| s.w.flush()).is_ok();
+    s.closed = final_frame || !ok;
+    ok
+}
+
+fn send_frame<W: Write>(sink: &SharedSink<W>, frame: &Frame) -> bool {
+    match frame.encode() {
+        Ok(bytes) => send(sink, &bytes, true),
+        Err(_) => false,
+    }
+}
+
+fn send_error<W: Write>(sink: &SharedSink<W>, errno: i32, message: String) {
+    send_frame(sink, &Frame::Error { errno, message });
+}
+
+/// What the helper threads tell the coordinator.
+enum Event {
+    /// A pipe reached its end.
+    RelayDone,
+    /// The host closed the stream (or it broke): kill the command.
+    HostGone,
+    /// The host sent something invalid.
+    Fatal(String),
+}
+
+/// Serves one connection: reads the request from `reader`, runs it, writes the answer to
+/// `writer`. `reader` and `writer` are the two halves of one stream (e.g. a socket and its
+/// `try_clone`). Returns when the final frame is written (or the host is gone); `reader` may
+/// stay with a helper thread until the host closes the stream.
+pub fn handle_connection<R, W>(reader: R, writer: W) -> Outcome
+where
+    R: Read + Send + 'static,
+    W: Write + Send + 'static,
+{
+    let mut reader = BufReader::with_capacity(CHUNK, reader);
+    let sink = Arc::new(Mutex::new(Sink {
+        w: writer,
+        closed: false,
+    }));
+    let (request, stdin) = match read_frame(&mut reader, Peer::Host) {
+        // No request at all (a readiness probe, or the host reset the stream): nothing to say.
+        Ok(None) | Err(ProtocolError::Io(_)) => return Outcome::Closed,
+        Ok(Some(Frame::Exec { request, stdin })) => (request, stdin),
+        Ok(Some(f)) => {
+            let msg = ProtocolError::Unexpected(f.kind()).to_string();
+            send_error(&sink, 0, msg.clone());
+            return Outcome::Rejected(msg);
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            send_error(&sink, 0, msg.clone());
+            return Outcome::Rejected(msg);
+        }
+    };
+
+    let mut child = match spawn(&request, stdin) {
+        Ok(c) => c,
+        Err(e) => {
+            let what = match &request.cwd {
+                Some(dir) => format!("cannot run {:?} in {dir:?}: {e}", request.argv[0]),
+                None => format!("cannot run {:?}: {e}", request.argv[0]),
+            };
+            send_error(&sink, e.raw_os_error().unwrap_or(0), what.clone());
+            return Outcome::SpawnFailed(what);
+        }
+    };
+    let (tx, rx) = mpsc::channel();
+    let helpers = start_helpers(&mut child, reader, stdin, &sink, tx);
+    if let Err(e) = helpers {
+        let msg = format!("cannot start a thread: {e}");
+        send_error(&sink, e.raw_os_error().unwrap_or(0), msg.clone());
+        kill_group(&mut child);
+        let _ = child.wait();
+        return Outcome::Aborted(msg);
+    }
+
+    let mut relays = 2;
+    while relays > 0 {
+        match rx.recv() {
+            Ok(Event::RelayDone) => relays -= 1,
+            Ok(Event::HostGone) => {
+                // Nobody is left to report to. The child is not reaped yet (only this thread
+                // waits for it), so its pid cannot have been reused.
+                kill_group(&mut child);
+                let _ = child.wait();
+                return Outcome::Abandoned;
+            }
+            Ok(Event::Fatal(msg)) => {
+                send_error(&sink, 0, msg.clone());
+                kill_group(&mut child);
+                let _ = child.wait();
+                return Outcome::Aborted(msg);
+            }
+            // Every helper is gone without saying so (cannot happen): wait for the child.
+            Err(_) => break,
+        }
+    }
+    let frame = match child.wait() {
+        Ok(status) => match (status.code(), status.signal()) {
+            (Some(code), _) => Frame::Exit(code),
+            (None, Some(sig)) => Frame::Signal(sig),
+            (None, None) => Frame::Error {
+                errno: 0,
+                message: format!("unknown wait status {status:?}"),
+            },
+        },
+        Err(e) => Frame::Error {
+            errno: e.raw_os_error().unwrap_or(0),
+            message: format!("cannot wait for the command: {e}"),
+        },
+    };
+    send_frame(&sink, &frame);
+    Outcome::Finished(frame)
+}
+
+fn spawn(req: &ExecRequest, stdin: bool) -> std::io::Result<Child> {
+    let mut cmd = Command::new(&req.argv[0]);
+    cmd.args(&req.argv[1..])
+        .envs(req.env.iter().map(|(k, v)| (k, v)))
+        .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Its own process group, so that giving up on it can kill what it started, too.
+        .process_group(0);
+    if let Some(dir) = &req.cwd {
+        cmd.current_dir(dir);
+    }
+    cmd.spawn()
+}
+
+/// SIGKILLs the command's process group (the command and what it started there).
+fn kill_group(child: &mut Child) {
+    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+        // SAFETY: kill(2) takes plain integers and touches no memory of ours. The group is the
+        // child's (process_group(0) at spawn) and the child is not reaped yet (only the
+        // connection's own thread waits for it), so the id cannot have been reused.
+        unsafe { libc::kill(-pid, libc::SIGKILL) };
+    }
+    let _ = child.kill();
+}
+
+fn start_helpers<R, W>(
+    child: &mut Child,
+    reader: BufReader<R>,
+    stdin_piped: bool,
+    sink: &SharedSink<W>,
+    tx: Sender<Event>,
+) -> std::io::Result<()>
+where
+    R: Read + Send + 'static,
+    W: Write + Send + 'static,
+{
+    let (Some(out), Some(err)) = (child.stdout.take(), child.stderr.take()) else {
+        return Err(std::io::Error::other("missing output pipes"));
+    };
+    let stdin = child.stdin.take();
+    let builder = || thread::Builder::new().stack_size(STACK_SIZE);
+    let (s, t) = (sink.clone(), tx.clone());
+    builder().spawn(move || relay(out, Kind::Stdout, &s, &t))?;
+    let (s, t) = (sink.clone(), tx.clone());
+    builder().spawn(move || relay(err, Kind::Stderr, &s, &t))?;
+    builder().spawn(move || host_reader(reader, stdin_piped, stdin, &tx))?;
+    Ok(())
+}
+
+/// Relays one pipe: a frame per `read`, written in place behind its header.
+fn relay<W: Write>(mut pipe: impl Read, kind: Kind, sink: &SharedSink<W>, tx: &Sender<Event>) {
+    let mut buf = vec![0u8; HEADER_LEN + CHUNK];
+    loop {
+        let n = match pipe.read(&mut buf[HEADER_LEN..]) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+        buf[..HEADER_LEN].copy_from_slice(&header(kind, n as u32));
+        if !send(sink, &buf[..HEADER_LEN + n], false) {
+            // The host is gone (or the final frame is out already, after a protocol error).
+            let _ = tx.send(Event::HostGone);
+            return;
+        }
+    }
+    let _ = tx.send(Event::RelayDone);
+}
+
+/// Reads the host's frames after `Exec`: stdin data and its end; the end of the stream means
+/// the host left.
+fn host_reader<R: Read>(
+    mut reader: BufReader<R>,
+    stdin_piped: bool,
+    mut stdin: Option<ChildStdin>,
+    tx: &Sender<Event>,
+) {
+    let mut stdin_open = stdin_piped;
+    loop {
+        let event = match read_frame(&mut reader, Peer::Host) {
+            Ok(Some(Frame::Stdin(data))) if stdin_open => {
+                // A command that does not read its stdin (or exited): drop the input.
+                if let Some(pipe) = stdin.as_mut() {
+                    if pipe.write_all(&data).is_err() {
+                        stdin = None;
+                    }
+                }
+                continue;
+            }
+            Ok(Some(Frame::StdinEof)) if stdin_open => {
+                stdin_open = false;
+                stdin = None;
+                continue;
+            }
+            Ok(Some(f)) => Event::Fatal(ProtocolError::Unexpected(f.kind()).to_string()),
+            Ok(None) | Err(ProtocolError::Io(_)) => Event::HostGone,
+            Err(e) => Event::Fatal(e.to_string()),
+        };
+        let _ = tx.send(event);
+        return;
+    }
+}
+
+/// Runs connections on their own threads, at most `max` at once.
+#[derive(Debug, Clone)]
+pub struct Server {
+    active: Arc<AtomicUsize>,
+    max: usize,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Self::new(MAX_CONNECTIONS)
+    }
+}
+
+impl Server {
+    /// A server for at most `max` connections at once.
+    pub fn new(max: usize) -> Self {
+        Server {
+            active: Arc::new(AtomicUsize::new(0)),
+            max,
+        }
+    }
+
+    /// Connections being served now.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
+    }
+
+    /// Serves a connection on a new thread (or, when `max` are already being served or no
+    /// thread can be started, answers `Error` right here and drops it).
+    pub fn spawn<R, W>(&self, reader: R, mut writer: W)
+    where
+        R: Read + Send + 'static,
+        W: Write + Send + 'static,
+    {
+        let refuse = |w: &mut W, errno: i32, msg: &str| {
+            let frame = Frame::Error {
+                errno,
+                message: msg.to_string(),
+            };
+            if let Ok(bytes) = frame.encode() {
+                let _ = w.write_all(&bytes);
+            }
+        };
+        if self.active.fetch_add(1, Ordering::SeqCst) >= self.max {
+            self.active.fetch_sub(1, Ordering::SeqCst);
+            refuse(&mut writer, libc::EBUSY, "agent busy: too many connections");
+            return;
+        }
+        let active = self.active.clone();
+        // The writer moves into the thread only if the thread starts; keep a way to answer.
+        let slot = Arc::new(Mutex::new(Some((reader, writer))));
+        let theirs = slot.clone();
+        let started = thread::Builder::new()
+            .stack_size(STACK_SIZE)
+            .spawn(move || {
+                let taken = theirs.lock().ok().and_then(|mut s| s.take());
+                if let Some((r, w)) = taken {
+                    handle_connection(r, w);
+                }
+                active.fetch_sub(1, Ordering::SeqCst);
+            });
+        if let Err(e) = started {
+            self.active.fetch_sub(1, Ordering::SeqCst);
+            let taken = slot.lock().ok().and_then(|mut s| s.take());
+            if let Some((_, mut w)) = taken {
+                refuse(
+                    &mut w,
+                    e.raw_os_error().unwrap_or(0),
+                    "agent cannot start a thread",
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{write_frame, MAX_FRAME};
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    use std::time::{Duration, Instant};
+
+    /// A connection to a freshly spawned handler; returns the host's end and the handler's
+    /// thread (whose result is the outcome).
+    fn connect() -> (UnixStream, thread::JoinHandle<Outcome>) {
+        let (host, agent) = UnixStream::pair().unwrap();
+        host.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let handle = thread::spawn(move || {
+            let r = agent.try_clone().unwrap();
+            handle_connection(r, agent)
+        });
+        (host, handle)
+    }
+
+    fn exec(req: ExecRequest, stdin: bool) -> Frame {
+        Frame::Exec {
+            request: req,
+            stdin,
+        }
+    }
+
+    /// Reads frames until the final one: (stdout, stderr, final frame).
+    fn collect(host: &mut UnixStream) -> (Vec<u8>, Vec<u8>, Frame) {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        loop {
+            match read_frame(host, Peer::Agent)
+                .unwrap()
+                .expect("EOF before the final frame")
+            {
+                Frame::Stdout(d) => out.extend_from_slice(&d),
+                Frame::Stderr(d) => err.extend_from_slice(&d),
+                f => return (out, err, f),
+            }
+        }
+    }
+
+    fn run(req: ExecRequest) -> (Vec<u8>, Vec<u8>, Frame) {
+        let (mut host, handle) = connect();
+        write_frame(&mut host, &exec(req, false)).unwrap();
+        let r = collect(&mut host);
+        drop(host);
+        assert!(matches!(handle.join().unwrap(), Outcome::Finished(_)));
+        r
+    }
+
+    #[test]
+    fn exit_code_and_separate_streams() {
+        let (out, err, fin) = run(ExecRequest::shell("echo out; echo err >&2; exit 7"));
+        assert_eq!(out, b"out\n");
+        assert_eq!(err, b"err\n");
+        assert_eq!(fin, Frame::Exit(7));
+    }
+
+    #[test]
+    fn killed_by_a_signal() {
+        let (_, _, fin) = run(ExecRequest::shell("kill -TERM $$"));
+        assert_eq!(fin, Frame::Signal(libc::SIGTERM));
+        let (_, _, fin) = run(ExecRequest::shell("kill -KILL $$"));
+        assert_eq!(fin, Frame::Signal(libc::SIGKILL));
+    }
+
+    #[test]
+    fn missing_command_is_an_error_frame_with_enoent() {
+        let (mut host, handle) = connect();
+        write_frame(&mut host, &exec(ExecRequest::new(["/no/such/cmd"]), false)).unwrap();
+        match read_frame(&mut host, Peer::Agent).unwrap().unwrap() {
+            Frame::Error { errno, message } => {
+                assert_eq!(errno, libc::ENOENT);
+                assert!(message.contains("/no/such/cmd"), "{message}");
+            }
+            f => panic!("{f:?}"),
+        }
+        // Then the agent closes the connection.
+        assert!(read_frame(&mut host, Peer::Agent).unwrap().is_none());
+        assert!(matches!(handle.join().unwrap(), Outcome::SpawnFailed(_)));
+        let (mut host, _) = connect();
+        write_frame(
+            &mut host,
+            &exec(ExecRequest::new(["true"]).cwd("/no/dir"), false),
+        )
+        .unwrap();
+        match read_frame(&mut host, Peer::Agent).unwrap().unwrap() {
+            Frame::Error { errno, message } => {
+                assert_eq!(errno, libc::ENOENT);
+                assert!(message.contains("/no/dir"), "{message}");
+            }
+            f => panic!("{f:?}"),
+        }
+    }
+
+    #[test]
+    fn env_and_cwd_are_applied() {
+        let req = ExecRequest::shell("pwd; echo \"$LOFT_X\"")
+            .env("LOFT_X", "a b")
+            .cwd("/tmp");
+        let (out, _, fin) = run(req);
+        assert_eq!(String::from_utf8(out).unwrap(), "/tmp\na b\n");
+        assert_eq!(fin, Frame::Exit(0));
+    }
+
+    #[test]
+    fn stdin_is_fed_and_closed() {
+        let (mut host, handle) = connect();
+        write_frame(&mut host, &exec(ExecRequest::new(["cat"]), true)).unwrap();
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        // Write the input from another thread while this one reads the output.
+        let mut w = host.try_clone().unwrap();
+        let input = data.clone();
+        let writer = thread::spawn(move || {
+            for chunk in input.chunks(CHUNK) {
+                write_frame(&mut w, &Frame::Stdin(chunk.to_vec())).unwrap();
+            }
+            write_frame(&mut w, &Frame::StdinEof).unwrap();
+        });
+        let (out, _, fin) = collect(&mut host);
+        writer.join().unwrap();
+        assert_eq!(fin, Frame::Exit(0));
+        assert!(out == data, "stdout differs ({} bytes)", out.len());
+        drop(host);
+        assert!(matches!(handle.join().unwrap(), Outcome::Finished(_)));
+    }
+
+    #[test]
+    fn input_for_a_command_that_does_not_read_is_dropped() {
+        let (mut host, _) = connect();
+        write_frame(&mut host, &exec(ExecRequest::new(["true"]), true)).unwrap();
+        for _ in 0..4 {
+            // Ignore errors: the agent may be done already.
+            let _ = write_frame(&mut host, &Frame::Stdin(vec![1; CHUNK]));
+        }
+        let _ = write_frame(&mut host, &Frame::StdinEof);
+        let (_, _, fin) = collect(&mut host);
+        assert_eq!(fin, Frame::Exit(0));
+    }
+
+    #[test]
+    fn stdin_is_dev_null_without_the_flag() {
+        let (out, _, fin) = run(ExecRequest::shell("cat; echo done"));
+        assert_eq!(out, b"done\n");
+        assert_eq!(fin, Frame::Exit(0));
+    }
+
+    /// Sends raw bytes as the request and expects an `Error` frame with errno 0, then EOF.
+    fn expect_rejected(bytes: &[u8]) -> String {
+        let (mut host, handle) = connect();
+        host.write_all(bytes).unwrap();
+        let msg = match read_frame(&mut host, Peer::Agent).unwrap().unwrap() {
+            Frame::Error { errno: 0, message } => message,
+            f => panic!("{f:?}"),
+        };
+        assert!(read_frame(&mut host, Peer::Agent).unwrap().is_none());
+        assert!(matches!(handle.join().unwrap(), Outcome::Rejected(_)));
+        msg
+    }
+
+    #[test]
+    fn malformed_requests_get_an_error_and_the_connection_closes() {
+        let m = expect_rejected(&header(Kind::Exec, u32::MAX));
+        assert!(m.contains("exceeds"), "{m}");
+        let m = expect_rejected(b"GET / HTTP/1.0\r\n\r\n");
+        assert!(m.contains("unknown frame kind"), "{m}");
+        let m = expect_rejected(&Frame::Stdin(b"x".to_vec()).encode().unwrap());
+        assert!(m.contains("unexpected Stdin"), "{m}");
+        let m = expect_rejected(&Frame::Exit(0).encode().unwrap());
+        assert!(m.contains("unexpected Exit"), "{m}");
+        let mut bad = header(Kind::Exec, 3).to_vec();
+        bad.extend_from_slice(&[1, 0, 0]);
+        let m = expect_rejected(&bad);
+        assert!(m.contains("malformed Exec"), "{m}");
+    }
+
+    #[test]
+    fn truncated_request_then_close_is_rejected() {
+        let (mut host, handle) = connect();
+        host.write_all(&header(Kind::Exec, 100)).unwrap();
+        host.write_all(&[1, 0]).unwrap();
+        host.shutdown(std::net::Shutdown::Write).unwrap();
+        match read_frame(&mut host, Peer::Agent).unwrap().unwrap() {
+            Frame::Error { errno: 0, message } => assert!(message.contains("inside a frame")),
+            f => panic!("{f:?}"),
+        }
+        assert!(matches!(handle.join().unwrap(), Outcome::Rejected(_)));
+    }
+
+    #[test]
+    fn closing_before_a_request_is_quiet() {
+        let (host, handle) = connect();
+        drop(host);
+        assert_eq!(handle.join().unwrap(), Outcome::Closed);
+    }
+
+    #[test]
+    fn protocol_error_while_running_aborts_the_command() {
+        let (mut host, handle) = connect();
+        write_frame(&mut host, &exec(ExecRequest::new(["sleep", "30"]), false)).unwrap();
+        // Stdin data without having asked for a stdin pipe.
+        write_frame(&mut host, &Frame::Stdin(b"x".to_vec())).unwrap();
+        let t = Instant::now();
+        match read_frame(&mut host, Peer::Agent).unwrap().unwrap() {
+            Frame::Error { errno: 0, message } => assert!(message.contains("Stdin"), "{message}"),
+            f => panic!("{f:?}"),
+        }
+        assert!(matches!(handle.join().unwrap(), Outcome::Aborted(_)));
+        assert!(t.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn oversized_frame_while_running_aborts() {
+        let (mut host, handle) = connect();
+        write_frame(&mut host, &exec(ExecRequest::new(["cat"]), true)).unwrap();
+        host.write_all(&header(Kind::Stdin, MAX_FRAME + 1)).unwrap();
+        let (_, _, fin) = collect(&mut host);
+        assert!(matches!(fin, Frame::Error { errno: 0, .. }), "{fin:?}");
+        assert!(matches!(handle.join().unwrap(), Outcome::Aborted(_)));
+    }
+
+    #[test]
+    fn host_leaving_kills_the_command() {
+        let (mut host, handle) = connect();
+        let marker = std::env::temp_dir().join(format!("loft-agent-gone-{}", std::process::id()));
+        let _ = std::fs::remove_file(&marker);
+        let script = format!("echo started; sleep 2; touch {}", marker.display());
+        write_frame(&mut host, &exec(ExecRequest::shell(&script), false)).unwrap();
+        assert_eq!(
+            read_frame(&mut host, Peer::Agent).unwrap().unwrap(),
+            Frame::Stdout(b"started\n".to_vec())
+        );
+        drop(host);
+        assert_eq!(handle.join().unwrap(), Outcome::Abandoned);
+        thread::sleep(Duration::from_millis(2500));
+        assert!(!marker.exists(), "the command survived its host");
+    }
+
+    #[test]
+    fn server_serves_concurrently_and_survives_bad_clients() {
+        let server = Server::new(8);
+        let flag = std::env::temp_dir().join(format!("loft-agent-conc-{}", std::process::id()));
+        let _ = std::fs::remove_file(&flag);
+        let open = |server: &Server| {
+            let (host, agent) = UnixStream::pair().unwrap();
+            host.set_read_timeout(Some(Duration::from_secs(20)))
+                .unwrap();
+            server.spawn(agent.try_clone().unwrap(), agent);
+            host
+        };
+        // A bad client first: the server answers it and keeps going.
+        let mut bad = open(&server);
+        bad.write_all(b"\xff\xff\xff").unwrap();
+        assert!(matches!(
+            read_frame(&mut bad, Peer::Agent).unwrap(),
+            Some(Frame::Error { .. })
+        ));
+        // The first command can only finish if the second runs while it waits.
+        let mut waiter = open(&server);
+        let script = format!(
+            "while [ ! -e {0} ]; do sleep 0.02; done; echo seen",
+            flag.display()
+        );
+        write_frame(&mut waiter, &exec(ExecRequest::shell(&script), false)).unwrap();
+        let mut toucher = open(&server);
+        let touch = ExecRequest::new(["touch".to_string(), flag.display().to_string()]);
+        write_frame(&mut toucher, &exec(touch, false)).unwrap();
+        assert_eq!(collect(&mut toucher).2, Frame::Exit(0));
+        let (out, _, fin) = collect(&mut waiter);
+        assert_eq!((out.as_slice(), fin), (&b"seen\n"[..], Frame::Exit(0)));
+        let _ = std::fs::remove_file(&flag);
+    }
+
+    #[test]
+    fn server_refuses_beyond_its_limit() {
+        let server = Server::new(1);
+        let (mut first, agent) = UnixStream::pair().unwrap();
+        first
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        server.spawn(agent.try_clone().unwrap(), agent);
+        // The first connection sits before its request; the second is turned away.
+        let (mut second, agent) = UnixStream::pair().unwrap();
+        second
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        server.spawn(agent.try_clone().unwrap(), agent);
+        match read_frame(&mut second, Peer::Agent).unwrap().unwrap() {
+            Frame::Error { errno, .. } => assert_eq!(errno, libc::EBUSY),
+            f => panic!("{f:?}"),
+        }
+        write_frame(&mut first, &exec(ExecRequest::new(["true"]), false)).unwrap();
+        assert_eq!(collect(&mut first).2, Frame::Exit(0));
+        drop(first);
+        let t = Instant::now();
+        while server.active() > 0 && t.elapsed() < Duration::from_secs(10) {
+            thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(server.active(), 0);
+    }
+}
