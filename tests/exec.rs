@@ -24,14 +24,37 @@ fn cli_runs_a_command_with_separate_streams_and_its_exit_code() {
     let kernel = guest_file("vmlinux");
     let initrd = guest_file("initramfs.cpio");
     let mut cmd = common::loft();
-    cmd.args(["run", "--kernel", kernel.to_str().unwrap(), "--initrd", initrd.to_str().unwrap()]);
+    cmd.args([
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+    ]);
     cmd.args(["--", "/bin/sh", "-c", "echo out; echo err >&2; exit 7"]);
     let o = common::run(cmd, BOOT_TIMEOUT);
     assert!(!o.timed_out, "loft timed out\n{}", o.tail());
-    assert_eq!(o.stdout, "out\n", "only the command's stdout reaches stdout\n{}", o.tail());
-    assert!(o.stderr.lines().any(|l| l == "err"), "the command's stderr reaches stderr\n{}", o.tail());
-    assert!(!o.stdout.contains("err"), "stderr must not be merged into stdout");
-    assert_eq!(o.code, Some(7), "loft exits with the command's code\n{}", o.tail());
+    assert_eq!(
+        o.stdout,
+        "out\n",
+        "only the command's stdout reaches stdout\n{}",
+        o.tail()
+    );
+    assert!(
+        o.stderr.lines().any(|l| l == "err"),
+        "the command's stderr reaches stderr\n{}",
+        o.tail()
+    );
+    assert!(
+        !o.stdout.contains("err"),
+        "stderr must not be merged into stdout"
+    );
+    assert_eq!(
+        o.code,
+        Some(7),
+        "loft exits with the command's code\n{}",
+        o.tail()
+    );
 }
 
 #[test]
@@ -51,8 +74,6 @@ fn three_vms_each_run_their_own_commands_then_everything_is_released() {
             VmBuilder::new()
                 .kernel(&kernel)
                 .initrd(&initrd)
-                // Keep the guest running after boot: the commands come through the agent.
-                .cmdline(r#"guest_cmd="sleep 100000""#)
                 .agent_timeout(Duration::from_secs(600))
                 .capture_console()
                 .start()
@@ -63,22 +84,38 @@ fn three_vms_each_run_their_own_commands_then_everything_is_released() {
         for (vm, name) in vms.iter().zip(names) {
             s.spawn(move || {
                 let out = vm
-                    .exec(&ExecRequest::new(["/bin/sh", "-c", &format!("echo vm-{name}; echo to-err >&2; exit 3")]))
-                    .unwrap_or_else(|e| panic!("exec in VM {name}: {e}\n{}", String::from_utf8_lossy(&vm.console_output())));
+                    .exec(&ExecRequest::new([
+                        "/bin/sh",
+                        "-c",
+                        &format!("echo vm-{name}; echo to-err >&2; exit 3"),
+                    ]))
+                    .unwrap_or_else(|e| {
+                        panic!(
+                            "exec in VM {name}: {e}\n{}",
+                            String::from_utf8_lossy(&vm.console_output())
+                        )
+                    });
                 assert_eq!(out.status, ExitStatus::Code(3));
                 assert_eq!(String::from_utf8_lossy(&out.stdout), format!("vm-{name}\n"));
                 assert_eq!(String::from_utf8_lossy(&out.stderr), "to-err\n");
                 // Two more at once in the same VM, and one after another.
                 std::thread::scope(|inner| {
                     let a = inner.spawn(|| vm.exec(&ExecRequest::new(["echo", "first"])).unwrap());
-                    let b = inner.spawn(|| vm.exec(&ExecRequest::new(["cat", "/proc/sys/kernel/osrelease"])).unwrap());
+                    let b = inner.spawn(|| {
+                        vm.exec(&ExecRequest::new(["cat", "/proc/sys/kernel/osrelease"]))
+                            .unwrap()
+                    });
                     assert_eq!(a.join().unwrap().stdout, b"first\n");
                     let b = b.join().unwrap();
                     assert_eq!(b.status, ExitStatus::Code(0));
                     assert!(!b.stdout.is_empty());
                 });
                 let env = vm
-                    .exec(&ExecRequest::new(["/bin/sh", "-c", "echo $GREETING from $(pwd)"]).env("GREETING", "hi").cwd("/tmp"))
+                    .exec(
+                        &ExecRequest::new(["/bin/sh", "-c", "echo $GREETING from $(pwd)"])
+                            .env("GREETING", "hi")
+                            .cwd("/tmp"),
+                    )
                     .unwrap();
                 assert_eq!(env.stdout, b"hi from /tmp\n");
                 let missing = vm.exec(&ExecRequest::new(["/no/such/program"]));
