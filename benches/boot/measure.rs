@@ -1,0 +1,232 @@
+//! Runs one command and measures it: spawn → first stdout containing the marker, spawn → exit,
+//! `wait4` rusage (peak RSS, CPU), and optionally the child's smaps right after the marker.
+
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// What one run gave.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Spawn → the marker on stdout.
+    pub ready: Option<Duration>,
+    /// Spawn → the child was reaped.
+    pub exit: Option<Duration>,
+    /// The child's exit code, or the signal that killed it, as text (`exit 0`, `signal 9`).
+    pub status: Option<String>,
+    /// True when the child exited with code 0.
+    pub success: bool,
+    /// The run hit its time limit and was killed.
+    pub timed_out: bool,
+    /// `ru_maxrss` of `wait4`, KiB.
+    pub peak_rss_kib: Option<u64>,
+    /// `ru_utime + ru_stime` of `wait4`.
+    pub cpu: Option<Duration>,
+    /// `/proc/PID/smaps` of the child, read right after the marker appeared.
+    pub smaps: Option<String>,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    /// The command could not be started.
+    pub spawn_error: Option<String>,
+}
+
+enum Event {
+    Marker,
+    Exited(Instant, libc::c_int, libc::rusage),
+    WaitFailed(std::io::Error),
+}
+
+fn tv(t: libc::timeval) -> Duration {
+    Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+}
+
+/// Reaps `pid` with `wait4`, retrying on EINTR.
+fn wait4(pid: libc::pid_t) -> Result<(libc::c_int, libc::rusage), std::io::Error> {
+    loop {
+        let mut status: libc::c_int = 0;
+        // SAFETY: plain syscall with pointers to locals.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+        if r == pid {
+            return Ok((status, ru));
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+fn describe(status: libc::c_int) -> (String, bool) {
+    if libc::WIFEXITED(status) {
+        let code = libc::WEXITSTATUS(status);
+        (format!("exit {code}"), code == 0)
+    } else if libc::WIFSIGNALED(status) {
+        (format!("signal {}", libc::WTERMSIG(status)), false)
+    } else {
+        (format!("status {status:#x}"), false)
+    }
+}
+
+/// Reads a pipe to its end; the first time `marker` shows up, notes the moment and sends
+/// `Event::Marker`.
+fn read_pipe(
+    mut pipe: impl Read,
+    marker: Option<&'static [u8]>,
+    events: mpsc::Sender<Event>,
+) -> (Vec<u8>, Option<Instant>) {
+    let mut buf = Vec::new();
+    let mut at = None;
+    let mut chunk = [0u8; 8192];
+    let mut seen = marker.is_none();
+    loop {
+        match pipe.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => {
+                let now = Instant::now();
+                let from = buf.len().saturating_sub(marker.map_or(0, |m| m.len()));
+                buf.extend_from_slice(&chunk[..n]);
+                if !seen {
+                    let m = marker.expect("marker");
+                    if buf[from..].windows(m.len()).any(|w| w == m) {
+                        seen = true;
+                        at = Some(now);
+                        let _ = events.send(Event::Marker);
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        }
+    }
+    (buf, at)
+}
+
+fn kill_group(pid: libc::pid_t) {
+    // SAFETY: signals to our own child's process group and to the child.
+    unsafe {
+        libc::kill(-pid, libc::SIGKILL);
+        libc::kill(pid, libc::SIGKILL);
+    }
+}
+
+/// Runs `cmd` (in its own process group) until it exits or `timeout` passes (then the whole
+/// group is killed).
+pub fn run(
+    mut cmd: Command,
+    marker: &'static str,
+    timeout: Duration,
+    sample_smaps: bool,
+    stdin_pipe: bool,
+) -> Outcome {
+    // stdin: /dev/null, or (for a VMM that must poll its stdin) a pipe that stays open and empty
+    cmd.stdin(if stdin_pipe {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .process_group(0);
+    let mut out = Outcome::default();
+    let t0 = Instant::now();
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            out.spawn_error = Some(format!("cannot run {:?}: {e}", cmd.get_program()));
+            return out;
+        }
+    };
+    let pid = child.id() as libc::pid_t;
+    let (tx, rx) = mpsc::channel::<Event>();
+    let stdout = child.stdout.take().expect("piped stdout");
+    let stderr = child.stderr.take().expect("piped stderr");
+    let (otx, orx) = mpsc::channel::<(Vec<u8>, Option<Instant>)>();
+    let (etx, erx) = mpsc::channel::<(Vec<u8>, Option<Instant>)>();
+    {
+        let tx = tx.clone();
+        thread::spawn(move || {
+            let _ = otx.send(read_pipe(stdout, Some(marker.as_bytes()), tx));
+        });
+    }
+    {
+        let tx = tx.clone();
+        thread::spawn(move || {
+            let _ = etx.send(read_pipe(stderr, None, tx));
+        });
+    }
+    {
+        let tx = tx.clone();
+        thread::spawn(move || {
+            let _ = tx.send(match wait4(pid) {
+                Ok((status, ru)) => Event::Exited(Instant::now(), status, ru),
+                Err(e) => Event::WaitFailed(e),
+            });
+        });
+    }
+    drop(tx);
+    // held open until the child is gone
+    let _stdin = child.stdin.take();
+    // `child` is never waited through std: the wait4 thread reaps it.
+    drop(child);
+
+    let deadline = t0 + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ev = if out.timed_out {
+            // killed: the exit follows at once
+            rx.recv_timeout(Duration::from_secs(30))
+        } else {
+            rx.recv_timeout(left)
+        };
+        match ev {
+            Ok(Event::Marker) => {
+                if sample_smaps {
+                    out.smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok();
+                }
+            }
+            Ok(Event::Exited(at, status, ru)) => {
+                out.exit = Some(at - t0);
+                let (text, ok) = describe(status);
+                out.status = Some(text);
+                out.success = ok;
+                out.peak_rss_kib = Some(ru.ru_maxrss as u64);
+                out.cpu = Some(tv(ru.ru_utime) + tv(ru.ru_stime));
+                break;
+            }
+            Ok(Event::WaitFailed(e)) => {
+                out.status = Some(format!("wait4 failed: {e}"));
+                kill_group(pid);
+                break;
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) if !out.timed_out => {
+                out.timed_out = true;
+                kill_group(pid);
+            }
+            Err(_) => {
+                out.status = Some("child did not exit after SIGKILL".into());
+                break;
+            }
+        }
+    }
+    // Pipes close when every process holding them is gone; a straggler (e.g. a container process
+    // that outlived its runtime) gets a few seconds, then its group is killed.
+    let grace = Duration::from_secs(5);
+    let (stdout, ready_at) = orx.recv_timeout(grace).unwrap_or_else(|_| {
+        kill_group(pid);
+        orx.recv_timeout(grace).unwrap_or_default()
+    });
+    // The marker time comes from the reader itself: a short-lived child may be reaped before
+    // the marker event was handled above. The marker was in the pipe before the child exited,
+    // so a reader scheduled late is capped at the exit time.
+    out.ready = ready_at.map(|at| {
+        let ready = at - t0;
+        out.exit.map_or(ready, |exit| ready.min(exit))
+    });
+    out.stdout = stdout;
+    out.stderr = erx.recv_timeout(grace).unwrap_or_default().0;
+    out
+}
