@@ -49,8 +49,8 @@ pub enum Error {
     /// The zero page or PVH start info could not be written.
     #[error(transparent)]
     BootParams(#[from] arch::x86_64::boot_params::BootParamsError),
-    /// A disk could not be opened.
-    #[error("--disk {}: {source}", path.display())]
+    /// A disk (or the --root image) could not be opened.
+    #[error("disk {}: {source}", path.display())]
     Disk {
         /// The image file.
         path: std::path::PathBuf,

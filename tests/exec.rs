@@ -13,10 +13,6 @@ fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
 
-fn threads() -> usize {
-    std::fs::read_dir("/proc/self/task").unwrap().count()
-}
-
 #[test]
 fn cli_runs_a_command_with_separate_streams_and_its_exit_code() {
     common::require_kvm();
@@ -64,7 +60,7 @@ fn three_vms_each_run_their_own_commands_then_everything_is_released() {
     let _a = BootSlot::acquire();
     let _b = BootSlot::acquire();
     let fds_before = open_fds();
-    let threads_before = threads();
+    assert_eq!(common::loft_threads(), 0, "no VM may run before the test");
     let kernel = guest_file("vmlinux");
     let initrd = guest_file("initramfs.cpio");
     let names = ["one", "two", "three"];
@@ -127,5 +123,5 @@ fn three_vms_each_run_their_own_commands_then_everything_is_released() {
         assert_eq!(vm.kill().unwrap(), StopReason::Stopped);
     }
     assert_eq!(open_fds(), fds_before, "file descriptors leaked");
-    assert_eq!(threads(), threads_before, "threads leaked");
+    assert_eq!(common::loft_threads(), 0, "VM threads outlived their VMs");
 }

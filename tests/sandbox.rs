@@ -83,6 +83,7 @@ fn three_vms_at_once_each_with_its_own_console_and_nothing_left_behind() {
     drop(vms);
     assert_eq!(open_fds(), fds_before, "file descriptors leaked");
     assert_eq!(threads(), threads_before, "threads leaked");
+    assert_eq!(common::loft_threads(), 0, "VM threads outlived their VMs");
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! Shared helpers for tests that run the `loft` binary and boot real guests.
 #![allow(dead_code)]
 
+pub mod netns;
 pub mod tiny_kernel;
 
 use std::io::Read;
@@ -35,6 +36,16 @@ impl Drop for BootSlot {
         *SLOTS.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
         SLOT_FREED.notify_one();
     }
+}
+
+/// Threads of this process that loft started (`loft-vmm`, `loft-vcpuN`): zero when no VM runs.
+/// Counting them by name keeps the test harness's own threads out of the count.
+pub fn loft_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|comm| comm.starts_with("loft-"))
+        .count()
 }
 
 pub fn repo_root() -> PathBuf {

@@ -299,9 +299,17 @@ impl Block {
             path: path.to_owned(),
             source,
         };
+        let meta = file.metadata().map_err(size_err)?;
+        // A directory opens read-only and "seeks" to an absurd end: refuse it like a write open
+        // would. Regular files and block devices are the images loft serves.
+        if meta.is_dir() {
+            return Err(BlockError::Open {
+                path: path.to_owned(),
+                source: io::Error::from_raw_os_error(libc::EISDIR),
+            });
+        }
         // Seeking works for regular files and block devices alike.
         let len = file.seek(SeekFrom::End(0)).map_err(size_err)?;
-        let meta = file.metadata().map_err(size_err)?;
         if len % SECTOR_SIZE != 0 {
             warn!(
                 "virtio-blk: {} is not a whole number of sectors; the last {} bytes are not visible",
