@@ -125,7 +125,7 @@ fn four_gib_guest_sees_its_memory_around_the_mmio_gap() {
             "--cmdline",
             &cl,
         ],
-        BOOT_TIMEOUT,
+        SLOW_BOOT_TIMEOUT,
     );
     assert_reached_user_space(&o);
     assert_eq!(report_field(&o, "cpus"), "1");
@@ -144,11 +144,6 @@ fn four_gib_guest_sees_its_memory_around_the_mmio_gap() {
     );
 }
 
-/// bzImage's own decompressor runs before the kernel prints anything; on a nested kvm_pvm host
-/// it runs largely in KVM's instruction emulator and takes minutes (3-6 measured here), so this
-/// boot gets a longer limit than the ELF ones.
-const BZIMAGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(900);
-
 #[test]
 fn bzimage_kernel_boots_to_user_space() {
     let kernel = guest_file("bzImage");
@@ -163,7 +158,7 @@ fn bzimage_kernel_boots_to_user_space() {
             "--cmdline",
             &cl,
         ],
-        BZIMAGE_TIMEOUT,
+        SLOW_BOOT_TIMEOUT,
     );
     assert_reached_user_space(&o);
     assert_eq!(report_field(&o, "marker"), "loft_marker=bzimage");
