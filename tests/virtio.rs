@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::netns::{http_responder, line_sink, NetNs, TcpServer};
-use common::{guest_dir, guest_file, BootSlot, Outcome, BOOT_TIMEOUT};
+use common::{assert_one_line_error, guest_dir, guest_file, BootSlot, Outcome, BOOT_TIMEOUT};
 
 const MIB: usize = 1 << 20;
 
@@ -574,38 +574,6 @@ echo NET wget=$w nc=$n"
             o.tail()
         );
     }
-}
-
-/// Asserts loft failed cleanly: non-zero exit, one stderr line that names every needle.
-fn assert_one_line_error(o: &Outcome, needles: &[&str]) {
-    assert!(!o.timed_out, "loft did not stop on bad input\n{}", o.tail());
-    assert!(o.code.is_some(), "loft died from a signal\n{}", o.tail());
-    assert_ne!(o.code, Some(0), "bad input must fail\n{}", o.tail());
-    let lines: Vec<&str> = o.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "expected one error line, got:\n{}",
-        o.stderr
-    );
-    let line = lines[0];
-    assert!(line.starts_with("loft: error: "), "unexpected line: {line}");
-    for n in needles {
-        assert!(
-            line.contains(n),
-            "error line {line:?} does not mention {n:?}"
-        );
-    }
-    assert!(
-        !o.stderr.contains("panicked"),
-        "panic text in stderr: {}",
-        o.stderr
-    );
-    assert!(
-        o.stdout.is_empty(),
-        "the guest must not have started: {}",
-        o.stdout
-    );
 }
 
 /// Devices that cannot be opened: one clear line, before any guest runs.

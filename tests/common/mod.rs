@@ -136,6 +136,40 @@ impl Outcome {
     }
 }
 
+/// Asserts a clean failure: non-zero exit, exactly one stderr line, which mentions every needle.
+pub fn assert_one_line_error(o: &Outcome, needles: &[&str]) {
+    assert!(!o.timed_out, "loft hung on bad input\n{}", o.tail());
+    assert_ne!(o.code, Some(0), "bad input must fail\n{}", o.tail());
+    assert!(o.code.is_some(), "loft died from a signal\n{}", o.tail());
+    let lines: Vec<&str> = o.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "expected one error line, got:\n{}",
+        o.stderr
+    );
+    let line = lines[0];
+    assert!(line.starts_with("loft: error: "), "unexpected line: {line}");
+    for n in needles {
+        assert!(
+            line.contains(n),
+            "error line {line:?} does not mention {n:?}"
+        );
+    }
+    for bad in ["panicked", "RUST_BACKTRACE", "stack backtrace"] {
+        assert!(
+            !o.stderr.contains(bad),
+            "panic text in stderr: {}",
+            o.stderr
+        );
+    }
+    assert!(
+        o.stdout.is_empty(),
+        "nothing should reach the console: {}",
+        o.stdout
+    );
+}
+
 pub fn loft() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_loft"));
     c.env("LOFT_LOG", "info");
