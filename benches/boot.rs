@@ -12,6 +12,8 @@
 //! vmm_overhead_kib (VMMs: RSS outside guest RAM, from /proc/PID/smaps right after the marker),
 //! and loft's `--boot-timer` phases.
 
+#[path = "boot/host.rs"]
+mod host;
 #[path = "boot/measure.rs"]
 mod measure;
 #[path = "boot/report.rs"]
@@ -30,10 +32,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Duration;
 
-use report::{Config, Host, Report, Run, Skipped};
+use host::{guest_dir, host_info, utc_now, REPO};
+use report::{Config, Report, Run, Skipped};
 use runners::{Kind, Setup, MARKER};
 
-const REPO: &str = env!("CARGO_MANIFEST_DIR");
 /// The loft binary cargo built for this bench (bench profile = release settings).
 const LOFT_BIN: &str = env!("CARGO_BIN_EXE_loft");
 
@@ -108,76 +110,6 @@ fn parse_args() -> Result<Args, String> {
     Ok(a)
 }
 
-fn read(path: &str) -> String {
-    std::fs::read_to_string(path).unwrap_or_default()
-}
-
-fn host_info() -> Host {
-    let cpuinfo = read("/proc/cpuinfo");
-    let model = cpuinfo
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("model name")?
-                .split_once(':')
-                .map(|x| x.1.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into());
-    let cpus = cpuinfo
-        .lines()
-        .filter(|l| l.starts_with("processor"))
-        .count();
-    let git = |args: &[&str]| {
-        Command::new("git")
-            .arg("-C")
-            .arg(REPO)
-            .args(args)
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-    };
-    let commit = match git(&["rev-parse", "--short=12", "HEAD"]) {
-        Some(c) => {
-            let dirty = git(&["status", "--porcelain", "--untracked-files=no"])
-                .is_some_and(|s| !s.is_empty());
-            if dirty {
-                format!("{c}-dirty")
-            } else {
-                c
-            }
-        }
-        None => "unknown".into(),
-    };
-    Host {
-        cpu: format!("{model} ({cpus} CPUs)"),
-        kernel: read("/proc/sys/kernel/osrelease").trim().to_string(),
-        kvm_flavour: loft::KvmFlavour::detect().name().to_string(),
-        loft_commit: commit,
-    }
-}
-
-/// LOFT_GUEST_DIR, else <repo>/target/guest when it has vmlinux + initramfs.cpio, else the
-/// prebuilt <repo>/../shared/guest.
-fn guest_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("LOFT_GUEST_DIR") {
-        return PathBuf::from(d);
-    }
-    let built = Path::new(REPO).join("target/guest");
-    if built.join("vmlinux").is_file() && built.join("initramfs.cpio").is_file() {
-        return built;
-    }
-    Path::new(REPO).join("../shared/guest")
-}
-
-fn utc_now() -> String {
-    Command::new("date")
-        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
-}
-
 /// scripts/oci-bundle.sh OUT_DIR.
 fn build_bundle(dir: &Path) -> Result<PathBuf, String> {
     let script = Path::new(REPO).join("scripts/oci-bundle.sh");
@@ -250,16 +182,18 @@ fn one_run(kind: Kind, setup: &Setup, round: usize, timeout: Duration, out_dir: 
     let shown = runners::show(&prepared.cmd);
     let o = measure::run(
         prepared.cmd,
-        MARKER,
+        &[MARKER],
         timeout,
         prepared.ram.is_some(),
         prepared.stdin_pipe,
     );
+    // one marker given, one time back
+    let ready = o.marks[0];
     let finished = o.exit.is_some() && !o.timed_out;
     for c in &prepared.cleanup {
         c.run(finished);
     }
-    run.ready_ms = o.ready.map(ms);
+    run.ready_ms = ready.map(ms);
     run.exit_ms = o.exit.map(ms);
     run.peak_rss_kib = o.peak_rss_kib;
     run.cpu_ms = o.cpu.map(ms);
@@ -276,14 +210,14 @@ fn one_run(kind: Kind, setup: &Setup, round: usize, timeout: Duration, out_dir: 
         Some(format!(
             "timed out after {} s {}; last output: {}",
             timeout.as_secs_f64(),
-            if o.ready.is_some() {
+            if ready.is_some() {
                 "after the marker"
             } else {
                 "without the marker"
             },
             tail(&o.stdout, 1)
         ))
-    } else if o.ready.is_none() {
+    } else if ready.is_none() {
         Some(format!(
             "no {MARKER} on stdout ({}); stderr: {}",
             o.status.as_deref().unwrap_or("?"),

@@ -1,5 +1,6 @@
-//! Runs one command and measures it: spawn → first stdout containing the marker, spawn → exit,
-//! `wait4` rusage (peak RSS, CPU), and optionally the child's smaps right after the marker.
+//! Runs one command and measures it: spawn → the first stdout containing each marker, spawn →
+//! exit, `wait4` rusage (peak RSS, CPU), and optionally the child's smaps right after the first
+//! marker.
 
 use std::io::Read;
 use std::os::unix::process::CommandExt;
@@ -11,8 +12,9 @@ use std::time::{Duration, Instant};
 /// What one run gave.
 #[derive(Debug, Default)]
 pub struct Outcome {
-    /// Spawn → the marker on stdout.
-    pub ready: Option<Duration>,
+    /// Spawn → each marker's first appearance on stdout, in the order the markers were given
+    /// (capped at the exit time).
+    pub marks: Vec<Option<Duration>>,
     /// Spawn → the child was reaped.
     pub exit: Option<Duration>,
     /// The child's exit code, or the signal that killed it, as text (`exit 0`, `signal 9`).
@@ -25,7 +27,7 @@ pub struct Outcome {
     pub peak_rss_kib: Option<u64>,
     /// `ru_utime + ru_stime` of `wait4`.
     pub cpu: Option<Duration>,
-    /// `/proc/PID/smaps` of the child, read right after the marker appeared.
+    /// `/proc/PID/smaps` of the child, read right after the first marker appeared.
     pub smaps: Option<String>,
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
@@ -71,30 +73,31 @@ fn describe(status: libc::c_int) -> (String, bool) {
     }
 }
 
-/// Reads a pipe to its end; the first time `marker` shows up, notes the moment and sends
-/// `Event::Marker`.
+/// Reads a pipe to its end, noting the moment each marker first shows up; the first marker
+/// also sends `Event::Marker`.
 fn read_pipe(
     mut pipe: impl Read,
-    marker: Option<&'static [u8]>,
+    markers: &[&'static str],
     events: mpsc::Sender<Event>,
-) -> (Vec<u8>, Option<Instant>) {
+) -> (Vec<u8>, Vec<Option<Instant>>) {
     let mut buf = Vec::new();
-    let mut at = None;
+    let mut seen: Vec<Option<Instant>> = vec![None; markers.len()];
+    let longest = markers.iter().map(|m| m.len()).max().unwrap_or(0);
     let mut chunk = [0u8; 8192];
-    let mut seen = marker.is_none();
     loop {
         match pipe.read(&mut chunk) {
             Ok(0) => break,
             Ok(n) => {
                 let now = Instant::now();
-                let from = buf.len().saturating_sub(marker.map_or(0, |m| m.len()));
+                let from = buf.len().saturating_sub(longest);
                 buf.extend_from_slice(&chunk[..n]);
-                if !seen {
-                    let m = marker.expect("marker");
-                    if buf[from..].windows(m.len()).any(|w| w == m) {
-                        seen = true;
-                        at = Some(now);
-                        let _ = events.send(Event::Marker);
+                for (i, m) in markers.iter().enumerate() {
+                    let m = m.as_bytes();
+                    if seen[i].is_none() && buf[from..].windows(m.len()).any(|w| w == m) {
+                        seen[i] = Some(now);
+                        if i == 0 {
+                            let _ = events.send(Event::Marker);
+                        }
                     }
                 }
             }
@@ -102,7 +105,7 @@ fn read_pipe(
             Err(_) => break,
         }
     }
-    (buf, at)
+    (buf, seen)
 }
 
 fn kill_group(pid: libc::pid_t) {
@@ -114,10 +117,10 @@ fn kill_group(pid: libc::pid_t) {
 }
 
 /// Runs `cmd` (in its own process group) until it exits or `timeout` passes (then the whole
-/// group is killed).
+/// group is killed), timing each of `markers` on its stdout.
 pub fn run(
     mut cmd: Command,
-    marker: &'static str,
+    markers: &'static [&'static str],
     timeout: Duration,
     sample_smaps: bool,
     stdin_pipe: bool,
@@ -144,18 +147,18 @@ pub fn run(
     let (tx, rx) = mpsc::channel::<Event>();
     let stdout = child.stdout.take().expect("piped stdout");
     let stderr = child.stderr.take().expect("piped stderr");
-    let (otx, orx) = mpsc::channel::<(Vec<u8>, Option<Instant>)>();
-    let (etx, erx) = mpsc::channel::<(Vec<u8>, Option<Instant>)>();
+    let (otx, orx) = mpsc::channel::<(Vec<u8>, Vec<Option<Instant>>)>();
+    let (etx, erx) = mpsc::channel::<(Vec<u8>, Vec<Option<Instant>>)>();
     {
         let tx = tx.clone();
         thread::spawn(move || {
-            let _ = otx.send(read_pipe(stdout, Some(marker.as_bytes()), tx));
+            let _ = otx.send(read_pipe(stdout, markers, tx));
         });
     }
     {
         let tx = tx.clone();
         thread::spawn(move || {
-            let _ = etx.send(read_pipe(stderr, None, tx));
+            let _ = etx.send(read_pipe(stderr, &[], tx));
         });
     }
     {
@@ -215,17 +218,21 @@ pub fn run(
     // Pipes close when every process holding them is gone; a straggler (e.g. a container process
     // that outlived its runtime) gets a few seconds, then its group is killed.
     let grace = Duration::from_secs(5);
-    let (stdout, ready_at) = orx.recv_timeout(grace).unwrap_or_else(|_| {
+    let (stdout, seen) = orx.recv_timeout(grace).unwrap_or_else(|_| {
         kill_group(pid);
         orx.recv_timeout(grace).unwrap_or_default()
     });
-    // The marker time comes from the reader itself: a short-lived child may be reaped before
-    // the marker event was handled above. The marker was in the pipe before the child exited,
-    // so a reader scheduled late is capped at the exit time.
-    out.ready = ready_at.map(|at| {
-        let ready = at - t0;
-        out.exit.map_or(ready, |exit| ready.min(exit))
-    });
+    // Marker times come from the reader itself: a short-lived child may be reaped before the
+    // marker event was handled above. A marker was in the pipe before the child exited, so a
+    // reader scheduled late is capped at the exit time.
+    let t_exit = out.exit;
+    out.marks = (0..markers.len())
+        .map(|i| {
+            let at = seen.get(i).copied().flatten()?;
+            let t = at - t0;
+            Some(t_exit.map_or(t, |exit| t.min(exit)))
+        })
+        .collect();
     out.stdout = stdout;
     out.stderr = erx.recv_timeout(grace).unwrap_or_default().0;
     out

@@ -9,13 +9,7 @@ use crate::runners::Kind;
 use crate::stats::{self, fmt_num, fmt_spread, Spread};
 use crate::timer::{BootTimer, PHASES};
 
-#[derive(Debug, Serialize)]
-pub struct Host {
-    pub cpu: String,
-    pub kernel: String,
-    pub kvm_flavour: String,
-    pub loft_commit: String,
-}
+pub use crate::host::Host;
 
 /// How the benchmark was run.
 #[derive(Debug, Serialize)]

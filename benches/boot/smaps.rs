@@ -1,5 +1,5 @@
 //! `/proc/PID/smaps` parsing: how much a VMM process has resident outside the guest's RAM.
-//! Pure functions (also compiled into tests/bench_boot.rs, which runs the unit tests below).
+//! Pure functions (also compiled into tests/guest, which runs the unit tests below).
 
 /// One mapping of a smaps file.
 #[derive(Clone, Debug, PartialEq, Eq)]

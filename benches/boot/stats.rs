@@ -1,5 +1,5 @@
 //! Statistics over the runs of one runner: median, min, max, ratios. Pure functions, no I/O
-//! (also compiled into tests/bench_boot.rs, which runs the unit tests below).
+//! (also compiled into tests/guest, which runs the unit tests below).
 
 use serde::Serialize;
 

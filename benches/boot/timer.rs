@@ -1,7 +1,7 @@
 //! loft's `--boot-timer` line:
 //! `loft-boot-timer: vm_built=W/C first_entry=W/C kernel_init=W/C user_init=W/C stop_request=W/C exit=W/C`
 //! (W = wall ms since loft's start, C = loft's CPU ms then; `-` = phase not reached).
-//! Pure functions (also compiled into tests/bench_boot.rs, which runs the unit tests below).
+//! Pure functions (also compiled into tests/guest, which runs the unit tests below).
 
 use std::collections::BTreeMap;
 
