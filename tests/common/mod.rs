@@ -10,8 +10,8 @@ use std::process::{Command, Stdio};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-/// How many guests may boot at once in one test binary: the machines here have 2 cores, and a
-/// boot keeps one busy.
+/// How many guests may boot at once in one test binary (tests/guest holds every test that boots
+/// a Linux guest): the machines here have 2 cores, and a boot keeps one busy.
 const MAX_CONCURRENT_BOOTS: usize = 2;
 
 static SLOTS: Mutex<usize> = Mutex::new(0);

@@ -1,24 +1,16 @@
-//! The boot benchmark (benches/boot.rs): its pure parts (statistics, smaps parsing, the
-//! boot-timer line; their unit tests are compiled in here), and one real run of
+//! The boot benchmark (benches/boot.rs): one real run of
 //! `cargo bench --bench boot -- --runs 1 --only loft-elf,unshare` whose boot.json is checked.
 //!
 //! The real run boots a guest with loft: it needs /dev/kvm and takes minutes on a nested
 //! kvm_pvm host (plus a release build of loft when the bench was not built yet).
-
-#![allow(dead_code)]
-
-#[path = "../benches/boot/smaps.rs"]
-mod smaps;
-#[path = "../benches/boot/stats.rs"]
-mod stats;
-#[path = "../benches/boot/timer.rs"]
-mod timer;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+use crate::common::BootSlot;
 
 /// Compiling the bench (a release build of loft) and one guest boot (60–150 s here, 300 s
 /// at most by the bench's own limit).
@@ -80,6 +72,7 @@ fn bench_boots_loft_and_a_container_and_writes_its_results() {
         "/dev/kvm is missing: this test boots a real guest with loft and needs KVM \
          (it is never skipped)"
     );
+    let _slot = BootSlot::acquire();
     let out: PathBuf = std::env::temp_dir().join(format!("bench-boot-out-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     let (code, stdout, stderr) = bench(&[

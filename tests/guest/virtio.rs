@@ -17,16 +17,16 @@
 //! command line cannot be mistaken for them. Guest commands start few processes: each costs
 //! seconds of guest time on a loaded kvm_pvm host.
 
-mod common;
-
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::netns::{http_responder, line_sink, NetNs, TcpServer};
-use common::{assert_one_line_error, guest_dir, guest_file, BootSlot, Outcome, BOOT_TIMEOUT};
+use crate::common::netns::{http_responder, line_sink, NetNs, TcpServer};
+use crate::common::{
+    self, assert_one_line_error, guest_dir, guest_file, BootSlot, Outcome, BOOT_TIMEOUT,
+};
 
 const MIB: usize = 1 << 20;
 
