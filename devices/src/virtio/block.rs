@@ -11,10 +11,9 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use log::{debug, error, warn};
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use log::{debug, warn};
 use virtio_bindings::virtio_blk::{
     virtio_blk_config, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
@@ -25,10 +24,9 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::chain::{check_buffer, check_range, Chain};
-use super::{check_activation, queue_eventfds, Active, Interrupt, VirtioDevice};
+use super::{DeviceBase, VirtioDevice};
 
 /// Size of the request queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -272,12 +270,7 @@ impl Disk {
 /// A virtio-blk device over a raw image file.
 pub struct Block {
     disk: Disk,
-    features: u64,
-    config: Vec<u8>,
-    queue_max_sizes: [u16; 1],
-    queue_evts: Vec<EventFd>,
-    interrupt: Arc<Interrupt>,
-    active: Option<Active>,
+    base: DeviceBase,
 }
 
 impl Block {
@@ -347,12 +340,7 @@ impl Block {
                 id,
                 bounce: vec![0; CHUNK],
             },
-            features,
-            config,
-            queue_max_sizes: [QUEUE_SIZE],
-            queue_evts: queue_eventfds(1)?,
-            interrupt: Arc::new(Interrupt::new()?),
-            active: None,
+            base: DeviceBase::new(VIRTIO_ID_BLOCK, features, config, vec![QUEUE_SIZE])?,
         })
     }
 
@@ -372,7 +360,7 @@ impl Block {
     /// requests per call and re-signals its own notification `EventFd` if more are left, so a
     /// busy guest cannot hog the event loop. Does nothing before activation.
     pub fn process_queue(&mut self) {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.base.active.as_mut() else {
             debug!("virtio-blk: queue notification before activation, ignored");
             return;
         };
@@ -400,35 +388,22 @@ impl Block {
             }
             handled += 1;
         }
+        if handled > 0 && !matches!(q.needs_notification(mem), Ok(false)) {
+            self.base.interrupt.signal_used();
+        }
         if handled == budget {
             // Maybe more: come back after the other event sources had their turn.
-            let _ = self.queue_evts[0].write(1);
-        }
-        if handled > 0 && !matches!(q.needs_notification(mem), Ok(false)) {
-            self.interrupt.signal_used();
+            self.base.kick(0);
         }
         if broken {
-            self.active = None;
-            self.interrupt.set_needs_reset();
+            self.base.fail();
         }
     }
 }
 
 impl VirtioDevice for Block {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_BLOCK
-    }
-
-    fn features(&self) -> u64 {
-        self.features
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_max_sizes
-    }
-
-    fn config(&self) -> &[u8] {
-        &self.config
+    fn base(&self) -> &DeviceBase {
+        &self.base
     }
 
     fn activate(
@@ -437,35 +412,21 @@ impl VirtioDevice for Block {
         queues: Vec<Queue>,
         features: u64,
     ) -> Result<(), super::Error> {
-        check_activation(&queues, 1, features)?;
-        self.active = Some(Active { mem, queues });
-        Ok(())
+        self.base.activate(mem, queues, features)
     }
 
     fn reset(&mut self) {
-        self.active = None;
-    }
-
-    fn interrupt(&self) -> &Arc<Interrupt> {
-        &self.interrupt
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
+        self.base.active = None;
     }
 }
 
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
-        for (i, evt) in self.queue_evts.iter().enumerate() {
-            if let Err(e) = ops.add(Events::with_data(evt, i as u32, EventSet::IN)) {
-                error!("virtio-blk: cannot watch queue {i}: {e}");
-            }
-        }
+        self.base.watch_queues(ops, "virtio-blk");
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        match self.queue_evts.get(events.data() as usize) {
+        match self.base.queue_evts.get(events.data() as usize) {
             Some(evt) => {
                 let _ = evt.read();
                 self.process_queue();

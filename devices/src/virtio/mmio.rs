@@ -496,15 +496,13 @@ mod tests {
     use crate::virtio::testing::{
         drive, mem, mmio_read, mmio_write, negotiate, setup_queue, TestQueue,
     };
-    use crate::virtio::{queue_eventfds, INT_CONFIG, INT_USED_RING};
+    use crate::virtio::{DeviceBase, INT_CONFIG, INT_USED_RING};
     use event_manager::{EventOps, Events, MutEventSubscriber};
 
     const FEATURES: u64 = (1 << VIRTIO_F_VERSION_1) | (1 << 5) | (1 << 40);
 
     struct Dummy {
-        interrupt: Arc<Interrupt>,
-        evts: Vec<EventFd>,
-        config: Vec<u8>,
+        base: DeviceBase,
         activated: Option<(usize, u64)>,
         resets: usize,
         config_writes: Vec<(u64, Vec<u8>)>,
@@ -514,9 +512,7 @@ mod tests {
     impl Dummy {
         fn new() -> Self {
             Self {
-                interrupt: Arc::new(Interrupt::new().unwrap()),
-                evts: queue_eventfds(2).unwrap(),
-                config: (1..=10).collect(),
+                base: DeviceBase::new(42, FEATURES, (1..=10).collect(), vec![8, 8]).unwrap(),
                 activated: None,
                 resets: 0,
                 config_writes: Vec::new(),
@@ -526,17 +522,8 @@ mod tests {
     }
 
     impl VirtioDevice for Dummy {
-        fn device_type(&self) -> u32 {
-            42
-        }
-        fn features(&self) -> u64 {
-            FEATURES
-        }
-        fn queue_max_sizes(&self) -> &[u16] {
-            &[8, 8]
-        }
-        fn config(&self) -> &[u8] {
-            &self.config
+        fn base(&self) -> &DeviceBase {
+            &self.base
         }
         fn write_config(&mut self, offset: u64, data: &[u8]) {
             self.config_writes.push((offset, data.to_vec()));
@@ -556,12 +543,6 @@ mod tests {
         fn reset(&mut self) {
             self.activated = None;
             self.resets += 1;
-        }
-        fn interrupt(&self) -> &Arc<Interrupt> {
-            &self.interrupt
-        }
-        fn queue_events(&self) -> &[EventFd] {
-            &self.evts
         }
     }
 
@@ -850,7 +831,9 @@ mod tests {
         r.w(REG_QUEUE_NOTIFY, 0);
         negotiate(&mut r.t);
         r.w(REG_QUEUE_NOTIFY, 0);
-        let evt = r.dev.lock().unwrap().evts[0].try_clone().unwrap();
+        let evt = r.dev.lock().unwrap().base.queue_evts[0]
+            .try_clone()
+            .unwrap();
         assert!(evt.read().is_err(), "no notification before DRIVER_OK");
         // After a failed activation too.
         r.activate_with(|r| r.w(REG_QUEUE_NUM, 3));
@@ -865,8 +848,8 @@ mod tests {
         let (e0, e1) = {
             let d = r.dev.lock().unwrap();
             (
-                d.evts[0].try_clone().unwrap(),
-                d.evts[1].try_clone().unwrap(),
+                d.base.queue_evts[0].try_clone().unwrap(),
+                d.base.queue_evts[1].try_clone().unwrap(),
             )
         };
         r.w(REG_QUEUE_NOTIFY, 1);

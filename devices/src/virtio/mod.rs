@@ -44,8 +44,8 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
-use event_manager::MutEventSubscriber;
-use log::debug;
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use log::{debug, error};
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -168,17 +168,29 @@ impl Interrupt {
 /// Implementors also implement [`MutEventSubscriber`]: they watch their queue `EventFd`s (and
 /// their backend) and do all queue work from the event loop.
 pub trait VirtioDevice: Send {
-    /// Virtio device ID (1 = network, 2 = block).
-    fn device_type(&self) -> u32;
+    /// What the device keeps the way every device does (see [`DeviceBase`]); the accessors
+    /// below read it from there.
+    fn base(&self) -> &DeviceBase;
+
+    /// Virtio device ID (1 = network, 2 = block, 19 = vsock).
+    fn device_type(&self) -> u32 {
+        self.base().device_type
+    }
 
     /// Feature bits the device offers.
-    fn features(&self) -> u64;
+    fn features(&self) -> u64 {
+        self.base().features
+    }
 
     /// Maximum size of each queue, one entry per queue.
-    fn queue_max_sizes(&self) -> &[u16];
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.base().queue_max_sizes
+    }
 
     /// Device configuration space, as read by the driver at offset 0x100 of the window.
-    fn config(&self) -> &[u8];
+    fn config(&self) -> &[u8] {
+        &self.base().config
+    }
 
     /// The driver writes `data` at `offset` of the config space (already bounds-checked).
     /// Ignored by default: the config fields of our devices are read-only.
@@ -202,10 +214,85 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
 
     /// Interrupt state shared with the transport.
-    fn interrupt(&self) -> &Arc<Interrupt>;
+    fn interrupt(&self) -> &Arc<Interrupt> {
+        &self.base().interrupt
+    }
 
     /// One notification `EventFd` per queue.
-    fn queue_events(&self) -> &[EventFd];
+    fn queue_events(&self) -> &[EventFd] {
+        &self.base().queue_evts
+    }
+}
+
+/// What every virtio device keeps the same way: what it offers the driver (type, features,
+/// config space, queue sizes), one notification `EventFd` per queue, the interrupt state it
+/// shares with the transport, and, from DRIVER_OK until a reset or a failure, its queues and the
+/// guest memory.
+pub struct DeviceBase {
+    pub(crate) device_type: u32,
+    pub(crate) features: u64,
+    pub(crate) config: Vec<u8>,
+    pub(crate) queue_max_sizes: Vec<u16>,
+    pub(crate) queue_evts: Vec<EventFd>,
+    pub(crate) interrupt: Arc<Interrupt>,
+    pub(crate) active: Option<Active>,
+}
+
+impl DeviceBase {
+    /// A device of `device_type` offering `features` and `config`, with one queue per entry of
+    /// `queue_max_sizes`.
+    pub(crate) fn new(
+        device_type: u32,
+        features: u64,
+        config: Vec<u8>,
+        queue_max_sizes: Vec<u16>,
+    ) -> Result<Self, Error> {
+        Ok(Self {
+            device_type,
+            features,
+            config,
+            queue_evts: queue_eventfds(queue_max_sizes.len())?,
+            queue_max_sizes,
+            interrupt: Arc::new(Interrupt::new()?),
+            active: None,
+        })
+    }
+
+    /// DRIVER_OK: checks the queues and VERSION_1, then keeps the queues and `mem`.
+    pub(crate) fn activate(
+        &mut self,
+        mem: GuestMemoryMmap<()>,
+        queues: Vec<Queue>,
+        features: u64,
+    ) -> Result<(), Error> {
+        check_activation(&queues, self.queue_max_sizes.len(), features)?;
+        self.active = Some(Active { mem, queues });
+        Ok(())
+    }
+
+    /// Has the event loop look at queue `index` again, as if the driver had notified it.
+    pub(crate) fn kick(&self, index: usize) {
+        if let Some(evt) = self.queue_evts.get(index) {
+            let _ = evt.write(1);
+        }
+    }
+
+    /// The driver broke a queue: stop using the queues until it resets the device, and tell it
+    /// so (NEEDS_RESET with a configuration-change interrupt).
+    pub(crate) fn fail(&mut self) {
+        self.active = None;
+        self.interrupt.set_needs_reset();
+    }
+
+    /// Adds every queue's notification `EventFd` to the event loop, with the queue index as its
+    /// data.
+    pub(crate) fn watch_queues(&self, ops: &mut EventOps, device: &str) {
+        for (i, evt) in self.queue_evts.iter().enumerate() {
+            if let Err(e) = ops.add(Events::with_data(evt, i as u32, EventSet::IN)) {
+                error!("{device}: cannot watch queue {i}: {e}");
+            }
+        }
+    }
 }
 
 /// Queues and memory of an activated device.

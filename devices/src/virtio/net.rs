@@ -17,7 +17,6 @@
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixDatagram;
-use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use log::{debug, error, warn};
@@ -26,11 +25,10 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::chain::{check_buffer, Chain, ChainError};
 use super::tap::{Tap, TapError, VNET_HDR_LEN};
-use super::{check_activation, queue_eventfds, Active, Interrupt, VirtioDevice};
+use super::{DeviceBase, VirtioDevice};
 
 /// Size of each queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -95,12 +93,7 @@ pub enum NetError {
 pub struct Net {
     backend: Box<dyn NetBackend>,
     tap_name: Option<String>,
-    features: u64,
-    config: Vec<u8>,
-    queue_max_sizes: [u16; 2],
-    queue_evts: Vec<EventFd>,
-    interrupt: Arc<Interrupt>,
-    active: Option<Active>,
+    base: DeviceBase,
     rx_buf: Vec<u8>,
     /// Length of a frame read from the backend and not yet delivered.
     rx_pending: Option<usize>,
@@ -135,12 +128,7 @@ impl Net {
         Ok(Self {
             backend,
             tap_name: None,
-            features,
-            config,
-            queue_max_sizes: [QUEUE_SIZE; 2],
-            queue_evts: queue_eventfds(2)?,
-            interrupt: Arc::new(Interrupt::new()?),
-            active: None,
+            base: DeviceBase::new(VIRTIO_ID_NET, features, config, vec![QUEUE_SIZE; 2])?,
             rx_buf: vec![0; MAX_FRAME_LEN],
             rx_pending: None,
             tx_buf: vec![0; MAX_FRAME_LEN],
@@ -156,7 +144,7 @@ impl Net {
     /// more, the guest has no free buffer, or the budget is spent (then it re-signals its RX
     /// `EventFd` to come back). Does nothing before activation.
     pub fn process_rx(&mut self) {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.base.active.as_mut() else {
             return;
         };
         let mem = &active.mem;
@@ -231,11 +219,11 @@ impl Net {
             }
             used += 1;
         }
-        if spent {
-            let _ = self.queue_evts[RX_QUEUE].write(1);
-        }
         if used > 0 && !matches!(q.needs_notification(mem), Ok(false)) {
-            self.interrupt.signal_used();
+            self.base.interrupt.signal_used();
+        }
+        if spent {
+            self.base.kick(RX_QUEUE);
         }
         if broken {
             self.break_device();
@@ -245,7 +233,7 @@ impl Net {
     /// Sends the frames the guest queued for transmission (at most the budget per call; then it
     /// re-signals its TX `EventFd`). Does nothing before activation.
     pub fn process_tx(&mut self) {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.base.active.as_mut() else {
             return;
         };
         let mem = &active.mem;
@@ -282,11 +270,11 @@ impl Net {
             }
             handled += 1;
         }
-        if handled == BUDGET {
-            let _ = self.queue_evts[TX_QUEUE].write(1);
-        }
         if handled > 0 && !matches!(q.needs_notification(mem), Ok(false)) {
-            self.interrupt.signal_used();
+            self.base.interrupt.signal_used();
+        }
+        if handled == BUDGET {
+            self.base.kick(TX_QUEUE);
         }
         if broken {
             self.break_device();
@@ -295,9 +283,8 @@ impl Net {
 
     /// The driver broke a queue: stop using the queues until it resets the device.
     fn break_device(&mut self) {
-        self.active = None;
         self.rx_pending = None;
-        self.interrupt.set_needs_reset();
+        self.base.fail();
     }
 }
 
@@ -360,20 +347,8 @@ fn read_frame(mem: &GuestMemoryMmap<()>, chain: &Chain, buf: &mut [u8]) -> Resul
 }
 
 impl VirtioDevice for Net {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_NET
-    }
-
-    fn features(&self) -> u64 {
-        self.features
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_max_sizes
-    }
-
-    fn config(&self) -> &[u8] {
-        &self.config
+    fn base(&self) -> &DeviceBase {
+        &self.base
     }
 
     fn activate(
@@ -382,34 +357,21 @@ impl VirtioDevice for Net {
         queues: Vec<Queue>,
         features: u64,
     ) -> Result<(), super::Error> {
-        check_activation(&queues, 2, features)?;
-        self.active = Some(Active { mem, queues });
+        self.base.activate(mem, queues, features)?;
         // Frames may have waited in the backend: have the event loop look.
-        let _ = self.queue_evts[RX_QUEUE].write(1);
+        self.base.kick(RX_QUEUE);
         Ok(())
     }
 
     fn reset(&mut self) {
-        self.active = None;
+        self.base.active = None;
         self.rx_pending = None;
-    }
-
-    fn interrupt(&self) -> &Arc<Interrupt> {
-        &self.interrupt
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
     }
 }
 
 impl MutEventSubscriber for Net {
     fn init(&mut self, ops: &mut EventOps) {
-        for (i, evt) in self.queue_evts.iter().enumerate() {
-            if let Err(e) = ops.add(Events::with_data(evt, i as u32, EventSet::IN)) {
-                error!("virtio-net: cannot watch queue {i}: {e}");
-            }
-        }
+        self.base.watch_queues(ops, "virtio-net");
         // Edge-triggered: a backend that stays readable while the guest has no RX buffer does
         // not wake the loop again; the RX notification resumes reading.
         let backend = Events::with_data_raw(
@@ -433,7 +395,7 @@ impl MutEventSubscriber for Net {
                 }
                 self.process_rx();
             }
-            i => match self.queue_evts.get(i as usize) {
+            i => match self.base.queue_evts.get(i as usize) {
                 Some(evt) => {
                     let _ = evt.read();
                     if i as usize == RX_QUEUE {

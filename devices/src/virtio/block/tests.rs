@@ -518,7 +518,7 @@ fn many_requests_are_handled_in_budgeted_rounds() {
 #[test]
 fn event_loop_runs_requests() {
     use event_manager::{EventManager, SubscriberOps};
-    use std::sync::Mutex;
+    use std::sync::{Arc, Mutex};
 
     let m = mem();
     let img = TempImage::new(SECTORS);

@@ -270,7 +270,7 @@ fn bad_avail_index_needs_reset() {
     r.txq.set_avail_idx(300);
     r.net.process_tx();
     assert!(r.net.interrupt().needs_reset());
-    assert!(r.net.active.is_none());
+    assert!(r.net.base.active.is_none());
 
     let m = mem();
     let mut r = Rig::new(&m);
@@ -296,7 +296,7 @@ fn nothing_happens_before_activation() {
 fn event_loop_moves_frames_both_ways() {
     use crate::BusDevice;
     use event_manager::{EventManager, SubscriberOps};
-    use std::sync::Mutex;
+    use std::sync::{Arc, Mutex};
 
     let m = mem();
     let (host, dev) = UnixDatagram::pair().unwrap();

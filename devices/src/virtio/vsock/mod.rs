@@ -41,7 +41,6 @@ pub mod packet;
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use log::{debug, error};
@@ -49,10 +48,9 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::EventFd;
 
 use super::chain::Chain;
-use super::{check_activation, queue_eventfds, Active, Interrupt, VirtioDevice};
+use super::{DeviceBase, VirtioDevice};
 use muxer::Muxer;
 use packet::{PacketError, HDR_LEN};
 
@@ -107,12 +105,7 @@ pub enum VsockError {
 pub struct Vsock {
     guest_cid: u64,
     muxer: Muxer,
-    features: u64,
-    config: Vec<u8>,
-    queue_max_sizes: [u16; 3],
-    queue_evts: Vec<EventFd>,
-    interrupt: Arc<Interrupt>,
-    active: Option<Active>,
+    base: DeviceBase,
     /// One packet, header and payload, on its way in or out.
     bounce: Vec<u8>,
     /// TX stopped because answers wait for RX buffers.
@@ -130,12 +123,12 @@ impl Vsock {
         Ok(Self {
             guest_cid,
             muxer,
-            features: 1u64 << VIRTIO_F_VERSION_1,
-            config: guest_cid.to_le_bytes().to_vec(),
-            queue_max_sizes: [QUEUE_SIZE; 3],
-            queue_evts: queue_eventfds(3)?,
-            interrupt: Arc::new(Interrupt::new()?),
-            active: None,
+            base: DeviceBase::new(
+                VIRTIO_ID_VSOCK,
+                1u64 << VIRTIO_F_VERSION_1,
+                guest_cid.to_le_bytes().to_vec(),
+                vec![QUEUE_SIZE; 3],
+            )?,
             bounce: vec![0; HDR_LEN + MAX_PAYLOAD],
             tx_stalled: false,
         })
@@ -167,7 +160,7 @@ impl Vsock {
     /// has no free buffer, or the budget is spent (then it re-signals its RX `EventFd`). Does
     /// nothing before activation.
     pub fn process_rx(&mut self) {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.base.active.as_mut() else {
             self.muxer.sync();
             return;
         };
@@ -232,15 +225,15 @@ impl Vsock {
             }
             used += 1;
         }
-        if spent {
-            let _ = self.queue_evts[RX_QUEUE].write(1);
-        }
         if used > 0 && !matches!(q.needs_notification(mem), Ok(false)) {
-            self.interrupt.signal_used();
+            self.base.interrupt.signal_used();
+        }
+        if spent {
+            self.base.kick(RX_QUEUE);
         }
         if self.tx_stalled && !self.muxer.rx_full() {
             self.tx_stalled = false;
-            let _ = self.queue_evts[TX_QUEUE].write(1);
+            self.base.kick(TX_QUEUE);
         }
         self.muxer.set_rx_starved(starved);
         if broken {
@@ -253,7 +246,7 @@ impl Vsock {
     /// it re-signals its TX `EventFd`), then sends the guest what they produced. Does nothing
     /// before activation.
     pub fn process_tx(&mut self) {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.base.active.as_mut() else {
             return;
         };
         let mem = &active.mem;
@@ -300,11 +293,11 @@ impl Vsock {
             }
             handled += 1;
         }
-        if handled == BUDGET {
-            let _ = self.queue_evts[TX_QUEUE].write(1);
-        }
         if handled > 0 && !matches!(q.needs_notification(mem), Ok(false)) {
-            self.interrupt.signal_used();
+            self.base.interrupt.signal_used();
+        }
+        if handled == BUDGET {
+            self.base.kick(TX_QUEUE);
         }
         if broken {
             self.break_device();
@@ -316,28 +309,15 @@ impl Vsock {
 
     /// The driver broke a queue: stop using the queues until it resets the device.
     fn break_device(&mut self) {
-        self.active = None;
         self.tx_stalled = false;
         self.muxer.reset();
-        self.interrupt.set_needs_reset();
+        self.base.fail();
     }
 }
 
 impl VirtioDevice for Vsock {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_VSOCK
-    }
-
-    fn features(&self) -> u64 {
-        self.features
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_max_sizes
-    }
-
-    fn config(&self) -> &[u8] {
-        &self.config
+    fn base(&self) -> &DeviceBase {
+        &self.base
     }
 
     fn activate(
@@ -346,36 +326,23 @@ impl VirtioDevice for Vsock {
         queues: Vec<Queue>,
         features: u64,
     ) -> Result<(), super::Error> {
-        check_activation(&queues, 3, features)?;
-        self.active = Some(Active { mem, queues });
+        self.base.activate(mem, queues, features)?;
         // Host connections may have come in before: have the event loop send their requests.
-        let _ = self.queue_evts[RX_QUEUE].write(1);
+        self.base.kick(RX_QUEUE);
         Ok(())
     }
 
     fn reset(&mut self) {
-        self.active = None;
+        self.base.active = None;
         self.tx_stalled = false;
         self.muxer.reset();
         self.muxer.sync();
-    }
-
-    fn interrupt(&self) -> &Arc<Interrupt> {
-        &self.interrupt
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
     }
 }
 
 impl MutEventSubscriber for Vsock {
     fn init(&mut self, ops: &mut EventOps) {
-        for (i, evt) in self.queue_evts.iter().enumerate() {
-            if let Err(e) = ops.add(Events::with_data(evt, i as u32, EventSet::IN)) {
-                error!("virtio-vsock: cannot watch queue {i}: {e}");
-            }
-        }
+        self.base.watch_queues(ops, "virtio-vsock");
         let backend = Events::with_data_raw(self.muxer.epoll_fd(), BACKEND_EVENT, EventSet::IN);
         if let Err(e) = ops.add(backend) {
             error!("virtio-vsock: cannot watch the host side: {e}");
@@ -385,7 +352,7 @@ impl MutEventSubscriber for Vsock {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         match events.data() {
             BACKEND_EVENT => self.process_host(),
-            i => match self.queue_evts.get(i as usize) {
+            i => match self.base.queue_evts.get(i as usize) {
                 Some(evt) => {
                     let _ = evt.read();
                     match i as usize {

@@ -1082,7 +1082,7 @@ fn bad_avail_index_needs_reset() {
     r.txq.set_avail_idx(300);
     r.dev.process_tx();
     assert!(r.dev.interrupt().needs_reset());
-    assert!(r.dev.active.is_none());
+    assert!(r.dev.base.active.is_none());
     assert!(host_closed(&mut s));
 
     let m = mem();
@@ -1113,7 +1113,7 @@ fn tx_budget_reschedules() {
 fn event_loop_end_to_end() {
     use crate::BusDevice;
     use event_manager::{EventManager, SubscriberOps};
-    use std::sync::Mutex;
+    use std::sync::{Arc, Mutex};
 
     let m = mem();
     let dir = TempDir::new();
