@@ -27,7 +27,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use guest::{dd_figures, guest_cmd, DATA_DISK_SECTORS};
-use host::{guest_dir, host_info, utc_now, Host, REPO};
+use host::{guest_dir, host_info, show, utc_now, which, Host, REPO};
 use stats::{fmt_num, fmt_ratio, fmt_spread, Spread};
 
 const LOFT_BIN: &str = env!("CARGO_BIN_EXE_loft");
@@ -207,20 +207,6 @@ struct Setup {
     cmdline: String,
     shm: PathBuf,
     work: PathBuf,
-}
-
-fn which(name: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
-fn show(cmd: &Command) -> String {
-    std::iter::once(cmd.get_program())
-        .chain(cmd.get_args())
-        .map(|a| format!("'{}'", a.to_string_lossy().replace('\'', "'\\''")))
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 fn one_run(runner: &str, s: &Setup, round: usize, timeout: Duration, out: &Path) -> Run {

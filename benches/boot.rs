@@ -179,7 +179,7 @@ fn one_run(kind: Kind, setup: &Setup, round: usize, timeout: Duration, out_dir: 
             return run;
         }
     };
-    let shown = runners::show(&prepared.cmd);
+    let shown = host::show(&prepared.cmd);
     let o = measure::run(
         prepared.cmd,
         &[MARKER],
@@ -344,7 +344,7 @@ fn bench(args: Args) -> Result<(), String> {
         loft_boot_timer,
         kvm_pvm,
         cmdline: cmdline.clone(),
-        qemu: runners::which("qemu-system-x86_64"),
+        qemu: host::which("qemu-system-x86_64"),
         firecracker,
         bundle: bundle.clone(),
         work: work.clone(),
@@ -379,7 +379,7 @@ fn bench(args: Args) -> Result<(), String> {
     let mut commands = BTreeMap::new();
     for k in &kinds {
         if let Ok(p) = runners::prepare(*k, &setup, 0) {
-            commands.insert(k.name().to_string(), runners::show(&p.cmd));
+            commands.insert(k.name().to_string(), host::show(&p.cmd));
             for c in &p.cleanup {
                 if let runners::Cleanup::RemoveFile(f) = c {
                     let _ = std::fs::remove_file(f);

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::host::which;
 use crate::smaps::GuestRam;
 
 /// What every runner prints on stdout once its workload is up.
@@ -148,14 +149,6 @@ pub struct Setup {
     /// Scratch files (Firecracker configs).
     pub work: PathBuf,
     pub tag: String,
-}
-
-/// A program on PATH.
-pub fn which(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
 }
 
 /// One run's command, its guest RAM (VMs), and what to clean up afterwards.
@@ -345,20 +338,4 @@ pub fn prepare(kind: Kind, s: &Setup, iter: usize) -> Result<Prepared, String> {
             })
         }
     }
-}
-
-/// A printable form of a command (for the report).
-pub fn show(cmd: &Command) -> String {
-    std::iter::once(cmd.get_program())
-        .chain(cmd.get_args())
-        .map(|a| {
-            let a = a.to_string_lossy();
-            if a.is_empty() || a.contains(|c: char| c.is_whitespace() || c == '\'' || c == '"') {
-                format!("'{}'", a.replace('\'', "'\\''"))
-            } else {
-                a.into_owned()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
 }
