@@ -121,17 +121,42 @@ impl Vmm {
             .into());
         }
         let flavour = KvmFlavour::detect();
-        let vm_fd = vm::create(&kvm)?;
         let mem = memory::create(mem_size)?;
-        vm::register_memory(&vm_fd, &mem)?;
-
-        let loaded = loader::load_kernel(&mem, &mut kernel)?;
-        let initrd_at = match initrd.as_mut() {
-            Some((path, (file, len))) => {
-                Some(loader::load_initrd(&mem, path, file, *len, kernel.end)?)
+        // Copying the kernel and the initramfs into fresh guest memory (page faults, mostly) is
+        // the bulk of start-up: each gets a thread, and this one sets up the VM meanwhile. The
+        // two images land in disjoint ranges (the initramfs goes above the kernel's end).
+        let (vm_fd, loaded, initrd_at) = std::thread::scope(|s| -> Result<_, Error> {
+            let kernel_end = kernel.end;
+            let loader = || std::thread::Builder::new().name("loft-load".into());
+            let initrd_job = match initrd.as_mut() {
+                Some((path, (file, len))) => {
+                    let mem = &mem;
+                    Some(
+                        loader()
+                            .spawn_scoped(s, move || {
+                                loader::load_initrd(mem, path, file, *len, kernel_end)
+                            })
+                            .map_err(sys("start a loader thread"))?,
+                    )
+                }
+                None => None,
+            };
+            let kernel_job = loader()
+                .spawn_scoped(s, || loader::load_kernel(&mem, &mut kernel))
+                .map_err(sys("start a loader thread"))?;
+            let vm_fd = vm::create(&kvm).and_then(|fd| {
+                vm::register_memory(&fd, &mem)?;
+                Ok(fd)
+            });
+            /// A loader thread's result (a panic there is a bug: it goes on here).
+            fn join<T>(h: std::thread::ScopedJoinHandle<'_, T>) -> T {
+                h.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
             }
-            None => None,
-        };
+            let loaded = join(kernel_job);
+            let initrd_at = initrd_job.map(join).transpose();
+            Ok((vm_fd?, loaded?, initrd_at?))
+        })?;
         let mut event_manager =
             EventManager::<Subscriber>::new().map_err(|e| Error::EventLoop(e.to_string()))?;
         let mut devices = DeviceManager::new();

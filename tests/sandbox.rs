@@ -14,10 +14,6 @@ fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
 
-fn threads() -> usize {
-    std::fs::read_dir("/proc/self/task").unwrap().count()
-}
-
 fn rss_kib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     status
@@ -35,7 +31,11 @@ fn three_vms_at_once_each_with_its_own_console_and_nothing_left_behind() {
     require_kvm();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let fds_before = open_fds();
-    let threads_before = threads();
+    assert_eq!(
+        common::loft_threads_after_exit(),
+        0,
+        "no VM may run before the test"
+    );
     let kernels: Vec<_> = ["alpha", "bravo", "charlie"]
         .iter()
         .map(|name| {
@@ -82,8 +82,11 @@ fn three_vms_at_once_each_with_its_own_console_and_nothing_left_behind() {
     }
     drop(vms);
     assert_eq!(open_fds(), fds_before, "file descriptors leaked");
-    assert_eq!(threads(), threads_before, "threads leaked");
-    assert_eq!(common::loft_threads(), 0, "VM threads outlived their VMs");
+    assert_eq!(
+        common::loft_threads_after_exit(),
+        0,
+        "VM threads outlived their VMs"
+    );
 }
 
 #[test]
@@ -103,14 +106,18 @@ fn hundred_start_stop_cycles_do_not_grow_fds_threads_or_memory() {
     for _ in 0..5 {
         cycle();
     }
-    let (fds, thr, rss) = (open_fds(), threads(), rss_kib());
+    let (fds, rss) = (open_fds(), rss_kib());
     let start = Instant::now();
     for _ in 0..100 {
         cycle();
     }
     let elapsed = start.elapsed();
     assert_eq!(open_fds(), fds, "file descriptors leaked over 100 cycles");
-    assert_eq!(threads(), thr, "threads leaked over 100 cycles");
+    assert_eq!(
+        common::loft_threads_after_exit(),
+        0,
+        "threads leaked over 100 cycles"
+    );
     let grown = rss_kib().saturating_sub(rss);
     assert!(grown < 8 * 1024, "RSS grew by {grown} KiB over 100 cycles");
     eprintln!("100 start/stop cycles: {elapsed:?}, RSS growth {grown} KiB");
@@ -145,15 +152,24 @@ fn dropping_a_running_handle_stops_the_vm() {
     require_kvm();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let kernel = tiny_kernel::write("spin-drop.elf", &tiny_kernel::spin_forever());
-    let threads_before = threads();
+    assert_eq!(common::loft_threads_after_exit(), 0);
     let vm = VmBuilder::new()
         .kernel(&kernel)
         .memory_mib(32)
         .start()
         .unwrap();
-    assert!(threads() > threads_before);
+    // (a new thread takes its name a moment after it starts)
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while common::loft_threads() == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(common::loft_threads() > 0, "the VM runs on loft's threads");
     drop(vm);
-    assert_eq!(threads(), threads_before, "VM threads outlived the handle");
+    assert_eq!(
+        common::loft_threads_after_exit(),
+        0,
+        "VM threads outlived the handle"
+    );
 }
 
 #[test]

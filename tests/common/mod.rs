@@ -38,7 +38,8 @@ impl Drop for BootSlot {
     }
 }
 
-/// Threads of this process that loft started (`loft-vmm`, `loft-vcpuN`): zero when no VM runs.
+/// Threads of this process that loft started (`loft-vmm`, `loft-vcpuN`, `loft-load`): zero when no
+/// VM runs or is being built.
 /// Counting them by name keeps the test harness's own threads out of the count.
 pub fn loft_threads() -> usize {
     std::fs::read_dir("/proc/self/task")
@@ -46,6 +47,20 @@ pub fn loft_threads() -> usize {
         .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
         .filter(|comm| comm.starts_with("loft-"))
         .count()
+}
+
+/// [`loft_threads`] once it is down to zero, or after 2 s: a thread that was joined can still be
+/// listed in /proc/self/task for a moment while the kernel finishes its exit (a leaked thread
+/// never goes).
+pub fn loft_threads_after_exit() -> usize {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let n = loft_threads();
+        if n == 0 || Instant::now() >= deadline {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 pub fn repo_root() -> PathBuf {

@@ -68,7 +68,11 @@ fn three_vms_each_run_their_own_commands_then_everything_is_released() {
     let _a = BootSlot::acquire();
     let _b = BootSlot::acquire();
     let fds_before = open_fds();
-    assert_eq!(common::loft_threads(), 0, "no VM may run before the test");
+    assert_eq!(
+        common::loft_threads_after_exit(),
+        0,
+        "no VM may run before the test"
+    );
     let kernel = guest_file("vmlinux");
     let initrd = guest_file("initramfs.cpio");
     let names = ["one", "two", "three"];
@@ -131,5 +135,9 @@ fn three_vms_each_run_their_own_commands_then_everything_is_released() {
         assert_eq!(vm.kill().unwrap(), StopReason::Stopped);
     }
     assert_eq!(open_fds(), fds_before, "file descriptors leaked");
-    assert_eq!(common::loft_threads(), 0, "VM threads outlived their VMs");
+    assert_eq!(
+        common::loft_threads_after_exit(),
+        0,
+        "VM threads outlived their VMs"
+    );
 }
