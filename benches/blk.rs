@@ -19,6 +19,8 @@ mod host;
 mod measure;
 #[path = "boot/stats.rs"]
 mod stats;
+#[path = "boot/vm.rs"]
+mod vm;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -29,6 +31,7 @@ use serde::Serialize;
 use guest::{dd_figures, guest_cmd, DATA_DISK_SECTORS};
 use host::{guest_dir, host_info, show, utc_now, which, Host, REPO};
 use stats::{fmt_num, fmt_ratio, fmt_spread, Spread};
+use vm::{guest_cmdline, qemu_microvm, GUEST_MEM_MIB};
 
 const LOFT_BIN: &str = env!("CARGO_BIN_EXE_loft");
 const USAGE: &str = "\
@@ -40,8 +43,6 @@ usage: cargo bench --bench blk -- [--runs N] [--out DIR] [--timeout SECS]
 
 environment: LOFT_GUEST_DIR (vmlinux + rootfs.ext4), LOFT_BIN (loft binary)";
 
-/// Guest memory, MiB (as in the boot bench).
-const GUEST_MEM_MIB: u64 = 128;
 const MARKERS: &[&str] = &["VFS: Mounted root", "GUEST-INIT-READY", "GUEST-CMD-EXIT="];
 const RUNNERS: [&str; 2] = ["loft", "qemu-microvm"];
 
@@ -168,22 +169,7 @@ fn command(runner: &str, s: &Setup, f: &Files) -> Result<Command, String> {
         .qemu
         .as_ref()
         .ok_or("qemu-system-x86_64 is not installed (scripts/install-deps.sh)")?;
-    let mut c = Command::new(qemu);
-    c.args(["-M", "microvm,acpi=off", "-enable-kvm"]);
-    if s.kvm_pvm {
-        // as in the boot bench: no MSR 0x10a, and no THP-backed guest RAM on kvm_pvm
-        c.args(["-cpu", "host,-arch-capabilities", "-object"]);
-        c.arg(format!(
-            "memory-backend-file,id=ram,size={GUEST_MEM_MIB}M,mem-path={},share=on",
-            s.shm.display()
-        ));
-        c.args(["-machine", "memory-backend=ram"]);
-    } else {
-        c.args(["-cpu", "host"]);
-    }
-    c.args(["-m", &GUEST_MEM_MIB.to_string(), "-smp", "1"]);
-    c.args(["-nodefaults", "-no-user-config", "-display", "none"]);
-    c.args(["-no-reboot", "-serial", "stdio", "-device", "i8042"]);
+    let mut c = qemu_microvm(qemu, s.kvm_pvm, &s.shm);
     for (id, file) in [("root", &f.root), ("data", &f.data)] {
         c.arg("-drive").arg(format!(
             "id={id},file={},format=raw,if=none",
@@ -374,17 +360,13 @@ fn bench(args: Args) -> Result<(), String> {
     std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
     let host = host_info();
     let gdir = guest_dir();
-    let mut cmdline = "console=ttyS0 reboot=k panic=-1".to_string();
-    if let Some(extra) = loft::KvmFlavour::detect().guest_cmdline() {
-        cmdline = format!("{cmdline} {extra}");
-    }
     let s = Setup {
         loft: std::env::var_os("LOFT_BIN").map_or(PathBuf::from(LOFT_BIN), PathBuf::from),
         qemu: which("qemu-system-x86_64"),
         vmlinux: gdir.join("vmlinux"),
         rootfs: gdir.join("rootfs.ext4"),
         kvm_pvm: host.kvm_flavour == "kvm_pvm",
-        cmdline,
+        cmdline: guest_cmdline(),
         shm: PathBuf::from(format!("/dev/shm/loft-blk-{}", std::process::id())),
         work: work.clone(),
     };

@@ -26,6 +26,8 @@ mod smaps;
 mod stats;
 #[path = "boot/timer.rs"]
 mod timer;
+#[path = "boot/vm.rs"]
+mod vm;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -299,11 +301,7 @@ fn bench(args: Args) -> Result<(), String> {
     }
 
     // the command line loft gives the guest (without its boot-timer port), for QEMU/Firecracker
-    let mut cmdline = runners::BASE_CMDLINE.to_string();
-    if let Some(extra) = loft::KvmFlavour::detect().guest_cmdline() {
-        cmdline.push(' ');
-        cmdline.push_str(extra);
-    }
+    let cmdline = vm::guest_cmdline();
 
     // Firecracker only when asked for through FIRECRACKER
     let firecracker = std::env::var_os("FIRECRACKER")
@@ -396,7 +394,7 @@ fn bench(args: Args) -> Result<(), String> {
         timeout_container_s: timeout_ct,
         guest_dir: gdir.display().to_string(),
         guest_cmdline: cmdline,
-        guest_mem_mib: runners::GUEST_MEM_MIB,
+        guest_mem_mib: vm::GUEST_MEM_MIB,
         loft_bin: loft.display().to_string(),
         loft_boot_timer,
         oci_bundle: bundle.as_ref().ok().map(|p| p.display().to_string()),

@@ -5,14 +5,10 @@ use std::process::Command;
 
 use crate::host::which;
 use crate::smaps::GuestRam;
+use crate::vm::{qemu_microvm, GUEST_MEM_MIB};
 
 /// What every runner prints on stdout once its workload is up.
 pub const MARKER: &str = "GUEST-INIT-READY";
-/// Guest memory of every VM runner, MiB.
-pub const GUEST_MEM_MIB: u64 = 128;
-/// The kernel command line every VMM gives the guest (loft builds its own; this is the same
-/// text, loft's `build_cmdline` without loft's boot-timer port).
-pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Kind {
@@ -232,33 +228,14 @@ pub fn prepare(kind: Kind, s: &Setup, iter: usize) -> Result<Prepared, String> {
                 .ok_or("qemu-system-x86_64 is not installed (scripts/install-deps.sh)")?;
             need(&s.vmlinux, "guest kernel")?;
             need(&s.initrd, "guest initramfs")?;
-            let mut cmd = Command::new(qemu);
-            cmd.args(["-M", "microvm,acpi=off", "-enable-kvm"]);
-            let mut cleanup = vec![];
-            let ram;
-            if s.kvm_pvm {
-                // kvm_pvm: MSR 0x10a cannot be set, and THP-backed RAM makes the guest hit an
-                // FWAIT KVM's emulator cannot run: back RAM with a /dev/shm file instead.
-                let shm = PathBuf::from(format!("/dev/shm/{id}-qemu"));
-                cmd.args(["-cpu", "host,-arch-capabilities"]);
-                cmd.args([
-                    "-object",
-                    &format!(
-                        "memory-backend-file,id=ram,size={GUEST_MEM_MIB}M,mem-path={},share=on",
-                        shm.display()
-                    ),
-                    "-machine",
-                    "memory-backend=ram",
-                ]);
-                ram = Ram::File(shm.display().to_string(), guest_bytes);
-                cleanup.push(Cleanup::RemoveFile(shm));
+            let shm = PathBuf::from(format!("/dev/shm/{id}-qemu"));
+            let mut cmd = qemu_microvm(qemu, s.kvm_pvm, &shm);
+            let (ram, cleanup) = if s.kvm_pvm {
+                let ram = Ram::File(shm.display().to_string(), guest_bytes);
+                (ram, vec![Cleanup::RemoveFile(shm)])
             } else {
-                cmd.args(["-cpu", "host"]);
-                ram = Ram::Anonymous(guest_bytes);
-            }
-            cmd.args(["-m", &GUEST_MEM_MIB.to_string(), "-smp", "1"]);
-            cmd.args(["-nodefaults", "-no-user-config", "-display", "none"]);
-            cmd.args(["-no-reboot", "-serial", "stdio", "-device", "i8042"]);
+                (Ram::Anonymous(guest_bytes), vec![])
+            };
             cmd.arg("-kernel").arg(&s.vmlinux);
             cmd.arg("-initrd").arg(&s.initrd);
             cmd.arg("-append").arg(&s.cmdline);
