@@ -158,12 +158,10 @@ fn dropping_a_running_handle_stops_the_vm() {
         .memory_mib(32)
         .start()
         .unwrap();
-    // (a new thread takes its name a moment after it starts)
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while common::loft_threads() == 0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    assert!(common::loft_threads() > 0, "the VM runs on loft's threads");
+    assert!(
+        common::loft_threads_when(|n| n > 0) > 0,
+        "the VM runs on loft's threads"
+    );
     drop(vm);
     assert_eq!(
         common::loft_threads_after_exit(),

@@ -49,18 +49,23 @@ pub fn loft_threads() -> usize {
         .count()
 }
 
-/// [`loft_threads`] once it is down to zero, or after 2 s: a thread that was joined can still be
-/// listed in /proc/self/task for a moment while the kernel finishes its exit (a leaked thread
-/// never goes).
-pub fn loft_threads_after_exit() -> usize {
+/// [`loft_threads`] once `done` holds for it, or after 2 s: a thread takes its name a moment
+/// after it starts, and a joined thread can still be listed in /proc/self/task for a moment
+/// while the kernel finishes its exit (a leaked thread never goes).
+pub fn loft_threads_when(done: impl Fn(usize) -> bool) -> usize {
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
         let n = loft_threads();
-        if n == 0 || Instant::now() >= deadline {
+        if done(n) || Instant::now() >= deadline {
             return n;
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// [`loft_threads`] once it is down to zero, or after 2 s (see [`loft_threads_when`]).
+pub fn loft_threads_after_exit() -> usize {
+    loft_threads_when(|n| n == 0)
 }
 
 pub fn repo_root() -> PathBuf {
