@@ -1,17 +1,16 @@
 //! The `loft` command.
 
+mod terminal;
+
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
-use loft::agent_client::ExitStatus;
-use loft::boot_timer::{self, Timeline};
-use loft::config::{self, DiskConfig, MemSize, NetConfig, VmConfig, VsockConfig};
-use loft::console::RawTerminal;
-use loft::Vmm;
+use loft::{DiskConfig, ExecRequest, ExitStatus, MemSize, NetConfig, VmBuilder, VmHandle, VsockConfig};
+use terminal::RawTerminal;
 
 /// Boot a Linux guest in a KVM micro-VM.
 #[derive(Parser, Debug)]
@@ -39,7 +38,7 @@ struct RunArgs {
     #[arg(long, value_name = "STR", default_value = "")]
     cmdline: String,
     /// Number of vCPUs
-    #[arg(long, value_name = "N", default_value_t = config::DEFAULT_CPUS)]
+    #[arg(long, value_name = "N", default_value_t = 1)]
     cpus: u32,
     /// Guest memory, e.g. 256M or 1G (a bare number is MiB)
     #[arg(long, value_name = "SIZE", default_value = "128M")]
@@ -68,6 +67,36 @@ struct RunArgs {
     command: Vec<String>,
 }
 
+/// The VM `args` describe. The defaults (the bundled guest, `--root` as the first disk with
+/// `root=/dev/vda rw`) are the library's, so `loft run` and an embedder get the same VM.
+fn vm_builder(args: &RunArgs, started: Instant) -> VmBuilder {
+    let mut b = VmBuilder::new()
+        .cpus(args.cpus)
+        .memory(args.memory)
+        .cmdline(&args.cmdline)
+        .times_from(started);
+    if let Some(k) = &args.kernel {
+        b = b.kernel(k);
+    }
+    if let Some(i) = &args.initrd {
+        b = b.initrd(i);
+    }
+    if let Some(r) = &args.root {
+        b = b.rootfs(r);
+    }
+    for d in &args.disk {
+        b = b.disk(&d.path, d.read_only);
+    }
+    for n in &args.net {
+        b = b.net(&n.tap, n.mac);
+    }
+    if let Some(v) = &args.vsock {
+        b = b.vsock(v.cid, &v.uds);
+    }
+    b
+}
+
+/// Set by SIGTERM, SIGINT and SIGHUP; polled by [`stop_on_signal`].
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_terminate(_: libc::c_int) {
@@ -84,85 +113,45 @@ fn install_terminate_handlers() {
     }
 }
 
-fn vm_config(args: RunArgs) -> Result<VmConfig, loft::Error> {
-    let (kernel, initrd) = match args.kernel {
-        Some(k) => (k, args.initrd),
-        // The bundled initramfs would take precedence over a --root disk: leave it out then.
-        None => {
-            let (k, bundled_initrd) = config::bundled_guest()?;
-            let default_initrd = if args.root.is_some() {
-                None
-            } else {
-                bundled_initrd
-            };
-            (k, args.initrd.or(default_initrd))
-        }
-    };
-    let mut disks = Vec::new();
-    let mut cmdline = args.cmdline;
-    if let Some(root) = args.root {
-        disks.push(DiskConfig {
-            path: root,
-            read_only: false,
-        });
-        cmdline = format!("root=/dev/vda rw {cmdline}");
-    }
-    disks.extend(args.disk);
-    if args.command.is_empty() && std::io::stdin().is_terminal() {
-        // A person is at the console: the bundled guest's init gives them a shell when there is
-        // no command to run.
-        cmdline.push_str(" loft_shell=1");
-    }
-    Ok(VmConfig {
-        initrd,
-        cmdline,
-        disks,
-        nets: args.net,
-        vsock: args.vsock,
-        cpus: args.cpus,
-        memory: args.memory,
-        ..VmConfig::new(kernel)
-    })
-}
-
-/// `loft run … -- CMD ARGS`: boots the guest, runs the command through the guest agent with its
-/// output on loft's stdout and stderr, stops the guest, and returns the command's exit code.
-fn run_command(args: RunArgs) -> Result<u8, loft::Error> {
-    let command = args.command.clone();
-    let print_times = args.boot_timer;
-    let config = vm_config(args)?;
-    let vm = loft::VmBuilder::from_config(config)
-        .capture_console()
-        .start()?;
+/// Runs `body` while a watcher thread stops `vm` when a terminating signal arrives (a signal
+/// handler cannot take the locks stopping needs).
+fn stop_on_signal<T>(vm: &VmHandle, body: impl FnOnce() -> T) -> T {
     install_terminate_handlers();
     let finished = AtomicBool::new(false);
-    let result = std::thread::scope(|scope| {
-        // Stops the VM on SIGINT/SIGTERM; the exec then ends as the connection closes.
+    std::thread::scope(|scope| {
         scope.spawn(|| {
             while !finished.load(Ordering::Acquire) {
                 if INTERRUPTED.load(Ordering::Acquire) {
                     vm.stop();
                     return;
                 }
-                std::thread::sleep(std::time::Duration::from_millis(50));
+                std::thread::sleep(Duration::from_millis(50));
             }
         });
+        let r = body();
+        finished.store(true, Ordering::Release);
+        r
+    })
+}
+
+/// `loft run … -- CMD ARGS`: boots the guest, runs the command through the guest agent with its
+/// output on loft's stdout and stderr, stops the guest, and returns the command's exit code.
+fn run_command(args: RunArgs, started: Instant) -> Result<u8, loft::Error> {
+    let vm = vm_builder(&args, started).capture_console().start()?;
+    let result = stop_on_signal(&vm, || {
         let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
-        let r = vm.exec_streaming(
-            &loft::sandbox::ExecRequest::new(command),
+        vm.exec_streaming(
+            &ExecRequest::new(args.command.clone()),
             |b| {
                 let _ = out.write_all(b).and_then(|_| out.flush());
             },
             |b| {
                 let _ = err.write_all(b).and_then(|_| err.flush());
             },
-        );
-        finished.store(true, Ordering::Release);
-        r
+        )
     });
-    let mut vm = vm;
     let _ = vm.kill();
-    if print_times {
+    if args.boot_timer {
         eprintln!("loft-boot-timer: {}", vm.boot_times());
     }
     match result {
@@ -185,41 +174,44 @@ fn run_command(args: RunArgs) -> Result<u8, loft::Error> {
     }
 }
 
-fn run(args: RunArgs) -> Result<loft::StopReason, loft::Error> {
-    let print_times = args.boot_timer;
-    let config = vm_config(args)?;
-    let timeline = Arc::new(Timeline::new(boot_timer::process_start()));
-    let mut vmm = Vmm::build_with_timeline(&config, Box::new(std::io::stdout()), timeline.clone())?;
+/// `loft run`: the guest's console on this terminal until the guest stops.
+fn run(args: RunArgs, started: Instant) -> Result<loft::StopReason, loft::Error> {
+    let mut builder = vm_builder(&args, started)
+        .without_agent()
+        .console_writer(std::io::stdout())
+        .stdin_console();
+    if std::io::stdin().is_terminal() {
+        // A person is at the console: the bundled guest's init gives them a shell when there is
+        // no command to run.
+        builder = builder.cmdline("loft_shell=1");
+    }
+    let vm = builder.start()?;
     let _terminal = RawTerminal::enable_on_stdin().map_err(|source| loft::Error::Host {
         what: "put the terminal in raw mode",
         source,
     })?;
-    vmm.attach_stdin()?;
-    install_terminate_handlers();
-    let result = vmm.run(&|| INTERRUPTED.load(Ordering::Acquire));
-    if print_times {
-        eprintln!("loft-boot-timer: {}", timeline.times());
+    let result = stop_on_signal(&vm, || vm.wait());
+    if args.boot_timer {
+        eprintln!("loft-boot-timer: {}", vm.boot_times());
     }
     result
 }
 
-/// Prints an error with its causes on one line.
+/// Prints an error and its chain of causes on one line: `loft: error: what: why: …`. Each
+/// error's message leaves its cause out, so nothing is said twice.
 fn report(e: &dyn std::error::Error) {
     let mut line = format!("loft: error: {e}");
     let mut cause = e.source();
     while let Some(c) = cause {
-        let text = c.to_string();
-        if !line.contains(&text) {
-            line.push_str(": ");
-            line.push_str(&text);
-        }
+        line.push_str(": ");
+        line.push_str(&c.to_string());
         cause = c.source();
     }
     eprintln!("{line}");
 }
 
 fn main() -> ExitCode {
-    boot_timer::process_start();
+    let started = Instant::now();
     env_logger::Builder::from_env(env_logger::Env::default().filter_or("LOFT_LOG", "info"))
         .format_target(false)
         .format_timestamp(None)
@@ -241,14 +233,14 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Run(args) if !args.command.is_empty() => match run_command(args) {
+        Command::Run(args) if !args.command.is_empty() => match run_command(args, started) {
             Ok(code) => ExitCode::from(code),
             Err(e) => {
                 report(&e);
                 ExitCode::FAILURE
             }
         },
-        Command::Run(args) => match run(args) {
+        Command::Run(args) => match run(args, started) {
             Ok(reason) if reason.is_clean() => {
                 log::debug!("guest stopped: {reason}");
                 ExitCode::SUCCESS

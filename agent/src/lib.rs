@@ -65,6 +65,8 @@
 
 use std::io::{self, Read, Write};
 
+#[cfg(feature = "client")]
+pub mod client;
 pub mod server;
 
 /// The vsock port the agent listens on by default.

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use crate::common::{self, guest_file, BootSlot, BOOT_TIMEOUT};
-use loft::sandbox::ExecRequest;
-use loft::{agent_client::ExitStatus, StopReason, VmBuilder};
+use loft::ExecRequest;
+use loft::{ExitStatus, StopReason, VmBuilder};
 
 /// This process's open fds, less pipes and /dev/null: the tests beside this one spawn loft
 /// processes (and so hold pipes for a moment); a VM's own fds (KVM, eventfds, sockets, files)
@@ -131,7 +131,7 @@ fn three_vms_each_run_their_own_commands_then_everything_is_released() {
             });
         }
     });
-    for mut vm in vms {
+    for vm in vms {
         assert_eq!(vm.kill().unwrap(), StopReason::Stopped);
     }
     assert_eq!(open_fds(), fds_before, "file descriptors leaked");

@@ -10,7 +10,7 @@
 
 use std::time::{Duration, Instant};
 
-use loft::sandbox::ExecRequest;
+use loft::ExecRequest;
 use loft::VmBuilder;
 
 fn main() -> Result<(), loft::Error> {
@@ -20,7 +20,7 @@ fn main() -> Result<(), loft::Error> {
         .unwrap_or(0);
 
     let start = Instant::now();
-    let mut vm = VmBuilder::new().memory_mib(256).capture_console().start()?;
+    let vm = VmBuilder::new().memory_mib(256).capture_console().start()?;
     println!("start() returned after {:?}", start.elapsed());
 
     let out = vm.exec(&ExecRequest::new([

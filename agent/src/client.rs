@@ -6,21 +6,21 @@
 //! guest process listening on vsock port `<port>` (the agent, [`DEFAULT_AGENT_PORT`] unless
 //! the guest was told otherwise with `loft_agent=PORT`). If nothing listens there, the VMM
 //! closes the stream without `OK`: [`AgentError::Refused`]. What follows is the frame
-//! protocol of [`loft_agent`] (one command per connection).
+//! protocol of [the crate's](crate) (one command per connection).
 //!
 //! The guest is not trusted: frames are checked before anything is allocated for them (at most
-//! [`loft_agent::MAX_FRAME`] bytes each), anything unexpected is a typed error, and every read
+//! [`crate::MAX_FRAME`] bytes each), anything unexpected is a typed error, and every read
 //! and write is bounded by the call's timeout, so a silent, slow or hostile guest costs at most
 //! that long. [`exec_output`] also caps what it collects ([`OUTPUT_LIMIT`] per stream).
 //!
 //! ```no_run
 //! use std::time::{Duration, Instant};
-//! use loft::agent_client::{exec_output, wait_for_agent, ExecRequest, ExitStatus};
+//! use loft_agent::client::{exec_output, wait_for_agent, ExecRequest, ExitStatus};
 //! let uds = std::path::Path::new("/tmp/vm.vsock");
 //! wait_for_agent(uds, 52, Instant::now() + Duration::from_secs(60))?;
 //! let out = exec_output(uds, 52, &ExecRequest::shell("uname -r"), None, Some(Duration::from_secs(10)))?;
 //! assert_eq!(out.status, ExitStatus::Code(0));
-//! # Ok::<(), loft::agent_client::AgentError>(())
+//! # Ok::<(), loft_agent::client::AgentError>(())
 //! ```
 
 use std::fmt;
@@ -31,9 +31,9 @@ use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use loft_agent::{header, read_frame, Frame, Kind, Peer, ProtocolError, CHUNK, HEADER_LEN};
+use crate::{header, read_frame, Frame, Kind, Peer, ProtocolError, CHUNK, HEADER_LEN};
 
-pub use loft_agent::{ExecRequest, DEFAULT_PORT as DEFAULT_AGENT_PORT, MAX_FRAME};
+pub use crate::{ExecRequest, DEFAULT_PORT as DEFAULT_AGENT_PORT, MAX_FRAME};
 
 /// Most bytes [`exec_output`] collects from each of stdout and stderr.
 pub const OUTPUT_LIMIT: usize = 64 << 20;
@@ -473,7 +473,7 @@ fn read_answer(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use loft_agent::server::handle_connection;
+    use crate::server::handle_connection;
     use std::os::unix::net::UnixListener;
     use std::path::PathBuf;
     use std::sync::atomic::{AtomicUsize, Ordering};

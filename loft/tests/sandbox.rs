@@ -1,13 +1,17 @@
 //! loft as a library: many VMs in one process, handles, waits, stops, and no leaks.
 //!
 //! These use tiny test kernels (a few bytes of code, see common/tiny_kernel.rs) so that a VM
-//! boots and stops in milliseconds and a hundred cycles take seconds.
+//! boots and stops in milliseconds and a hundred cycles take seconds. The test depends on nothing but the `loft` library's public API, which proves that API is enough to
+//! embed loft.
 
-mod common;
+#[path = "../../tests/common/host.rs"]
+mod host;
+#[path = "../../tests/common/tiny_kernel.rs"]
+mod tiny_kernel;
 
 use std::time::{Duration, Instant};
 
-use common::{require_kvm, tiny_kernel};
+use host::require_kvm;
 use loft::{StopReason, VmBuilder};
 
 fn open_fds() -> usize {
@@ -32,7 +36,7 @@ fn three_vms_at_once_each_with_its_own_console_and_nothing_left_behind() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let fds_before = open_fds();
     assert_eq!(
-        common::loft_threads_after_exit(),
+        host::loft_threads_after_exit(),
         0,
         "no VM may run before the test"
     );
@@ -83,7 +87,7 @@ fn three_vms_at_once_each_with_its_own_console_and_nothing_left_behind() {
     drop(vms);
     assert_eq!(open_fds(), fds_before, "file descriptors leaked");
     assert_eq!(
-        common::loft_threads_after_exit(),
+        host::loft_threads_after_exit(),
         0,
         "VM threads outlived their VMs"
     );
@@ -95,7 +99,7 @@ fn hundred_start_stop_cycles_do_not_grow_fds_threads_or_memory() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let kernel = tiny_kernel::write("reset.elf", &tiny_kernel::print_and_reset(b""));
     let cycle = || {
-        let mut vm = VmBuilder::new()
+        let vm = VmBuilder::new()
             .kernel(&kernel)
             .memory_mib(32)
             .start()
@@ -114,7 +118,7 @@ fn hundred_start_stop_cycles_do_not_grow_fds_threads_or_memory() {
     let elapsed = start.elapsed();
     assert_eq!(open_fds(), fds, "file descriptors leaked over 100 cycles");
     assert_eq!(
-        common::loft_threads_after_exit(),
+        host::loft_threads_after_exit(),
         0,
         "threads leaked over 100 cycles"
     );
@@ -128,7 +132,7 @@ fn a_guest_that_never_exits_is_stopped_by_wait_timeout_and_kill_within_a_second(
     require_kvm();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let kernel = tiny_kernel::write("spin.elf", &tiny_kernel::spin_forever());
-    let mut vm = VmBuilder::new()
+    let vm = VmBuilder::new()
         .kernel(&kernel)
         .memory_mib(32)
         .start()
@@ -152,19 +156,19 @@ fn dropping_a_running_handle_stops_the_vm() {
     require_kvm();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let kernel = tiny_kernel::write("spin-drop.elf", &tiny_kernel::spin_forever());
-    assert_eq!(common::loft_threads_after_exit(), 0);
+    assert_eq!(host::loft_threads_after_exit(), 0);
     let vm = VmBuilder::new()
         .kernel(&kernel)
         .memory_mib(32)
         .start()
         .unwrap();
     assert!(
-        common::loft_threads_when(|n| n > 0) > 0,
+        host::loft_threads_when(|n| n > 0) > 0,
         "the VM runs on loft's threads"
     );
     drop(vm);
     assert_eq!(
-        common::loft_threads_after_exit(),
+        host::loft_threads_after_exit(),
         0,
         "VM threads outlived the handle"
     );
@@ -181,7 +185,7 @@ fn bad_configuration_is_a_typed_error_not_a_panic() {
     assert!(
         matches!(
             err,
-            loft::Error::Loader(loft::loader::LoaderError::KernelMissing(_))
+            loft::Error::Loader(loft::error::LoaderError::KernelMissing(_))
         ),
         "{err:?}"
     );
@@ -193,7 +197,7 @@ fn bad_configuration_is_a_typed_error_not_a_panic() {
         .err()
         .unwrap();
     assert!(
-        matches!(err, loft::Error::Config(loft::config::ConfigError::NoCpus)),
+        matches!(err, loft::Error::Config(loft::error::ConfigError::NoCpus)),
         "{err:?}"
     );
 }

@@ -71,11 +71,9 @@ xsaveopt,avx,avx2,bmi1,bmi2,erms,fsrm,la57,rdpid,rtm,hle,mpx,pku,ospke"
     };
 }
 
-/// CPU features a guest on kvm_pvm must not use; several were seen to kill the guest with an
-/// emulation failure (cx16, xsave, popcnt), the rest are masked as a precaution.
-pub const PVM_CLEARCPUID: &str = pvm_clearcpuid!();
-
-/// What a guest on kvm_pvm needs: [`PVM_CLEARCPUID`], and `kvm_pvm_host=1`, which tells the
+/// What a guest on kvm_pvm needs: `clearcpuid=…` with the CPU features it must not use
+/// (several were seen to kill the guest with an emulation failure: cx16, xsave, popcnt; the
+/// rest are masked as a precaution), and `kvm_pvm_host=1`, which tells the
 /// project's guest kernel (firmware patch 0004) to skip an FWAIT the host cannot emulate. Other
 /// kernels pass the unknown `key=value` on to init's environment, harmlessly.
 pub const PVM_GUEST_PARAMS: &str = concat!(pvm_clearcpuid!(), " kvm_pvm_host=1");
@@ -102,7 +100,7 @@ mod tests {
         std::fs::create_dir(modules.join("kvm_pvm")).unwrap();
         assert_eq!(KvmFlavour::detect_in(&modules, &cpuinfo), KvmFlavour::Pvm);
         let pvm = KvmFlavour::Pvm.guest_cmdline().unwrap();
-        assert!(pvm.starts_with(PVM_CLEARCPUID), "{pvm}");
+        assert!(pvm.starts_with(pvm_clearcpuid!()), "{pvm}");
         assert!(pvm.ends_with(" kvm_pvm_host=1"), "{pvm}");
         assert!(KvmFlavour::Vmx.guest_cmdline().is_none());
         std::fs::remove_dir_all(dir).unwrap();

@@ -29,11 +29,6 @@ pub fn create(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
     GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Map { size, source })
 }
 
-/// Total bytes of RAM in `mem`.
-pub fn total_size(mem: &GuestMemoryMmap) -> u64 {
-    mem.iter().map(|r| r.len()).sum()
-}
-
 /// End of the RAM range that starts at 0 (the RAM below the MMIO gap).
 pub fn low_ram_end(mem: &GuestMemoryMmap) -> u64 {
     mem.iter()

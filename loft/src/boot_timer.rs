@@ -3,12 +3,11 @@
 //! process's CPU time at each.
 
 use std::fmt;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use loft_devices::boot_timer::GuestMilestones;
 use loft_devices::bus::lock;
-use nix::time::{clock_gettime, ClockId};
 
 /// A moment: wall time since the timeline's origin, and the process's CPU time then.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -21,9 +20,15 @@ pub struct Mark {
 
 /// Process CPU time so far (all threads).
 pub fn process_cpu() -> Duration {
-    clock_gettime(ClockId::CLOCK_PROCESS_CPUTIME_ID)
-        .map(Duration::from)
-        .unwrap_or_default()
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
+    if unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) } != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(ts.tv_sec.max(0) as u64, ts.tv_nsec.clamp(0, 999_999_999) as u32)
 }
 
 /// The phases of one run. A phase that was not reached is `None`.
@@ -113,13 +118,6 @@ impl Timeline {
         t.user_init = g.user_init.map(|s| self.mark_at(s.at, s.cpu));
         t
     }
-}
-
-/// The moment this process started, as near as loft can tell: the first call, made first thing
-/// in `main`.
-pub fn process_start() -> Instant {
-    static START: OnceLock<Instant> = OnceLock::new();
-    *START.get_or_init(Instant::now)
 }
 
 #[cfg(test)]

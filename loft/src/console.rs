@@ -1,5 +1,4 @@
-//! The host side of the serial console: host input into the guest's UART, and the terminal
-//! mode while loft owns it.
+//! The host side of the serial console: host input into the guest's UART.
 
 use std::fs::File;
 use std::io::{self, IsTerminal, Read};
@@ -10,40 +9,12 @@ use std::time::Duration;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use loft_devices::bus::lock;
 use loft_devices::serial::SerialConsole;
-use nix::sys::termios::{self, SetArg, Termios};
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::stop::{StopNotifier, StopReason};
 
 /// Ctrl-A: the escape key, as in QEMU. Ctrl-A x quits; Ctrl-A Ctrl-A sends one Ctrl-A.
 const ESCAPE: u8 = 0x01;
-
-/// Puts a terminal in raw mode and restores its exact previous settings when dropped, so every
-/// way out of loft that unwinds leaves the user's terminal as it was.
-pub struct RawTerminal {
-    saved: Termios,
-}
-
-impl RawTerminal {
-    /// Raw mode on stdin when stdin is a terminal; `None` when it is a pipe or file.
-    pub fn enable_on_stdin() -> io::Result<Option<Self>> {
-        let stdin = io::stdin();
-        if !stdin.is_terminal() {
-            return Ok(None);
-        }
-        let saved = termios::tcgetattr(stdin.as_fd()).map_err(io::Error::from)?;
-        let mut raw = saved.clone();
-        termios::cfmakeraw(&mut raw);
-        termios::tcsetattr(stdin.as_fd(), SetArg::TCSANOW, &raw).map_err(io::Error::from)?;
-        Ok(Some(Self { saved }))
-    }
-}
-
-impl Drop for RawTerminal {
-    fn drop(&mut self) {
-        let _ = termios::tcsetattr(io::stdin().as_fd(), SetArg::TCSANOW, &self.saved);
-    }
-}
 
 /// Feeds host input (stdin) to the guest's UART on the event loop.
 ///

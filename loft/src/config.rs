@@ -39,8 +39,13 @@ pub enum ConfigError {
     #[error("invalid --vsock '{0}': expected cid=N,uds=PATH with N at least 3")]
     BadVsock(String),
     /// No kernel given and no bundled guest.
-    #[error("no --kernel given and no guest kernel at {0} (build one with firmware/build.sh, or set LOFT_GUEST_DIR)")]
-    NoDefaultKernel(PathBuf),
+    #[error("no --kernel given and no guest kernel (vmlinux) in {} (build one with firmware/build.sh, install one with scripts/install.sh, or set LOFT_GUEST_DIR)", show_dirs(.0))]
+    NoDefaultKernel(Vec<PathBuf>),
+}
+
+fn show_dirs(dirs: &[PathBuf]) -> String {
+    let shown: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+    shown.join(", ")
 }
 
 /// A virtio-blk disk: `PATH[,readonly]`.
@@ -259,21 +264,35 @@ pub fn default_kvm_device() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/dev/kvm"))
 }
 
-/// Where the bundled guest lives: `LOFT_GUEST_DIR`, else the `target/guest` directory that
-/// `firmware/build.sh` fills in this source tree.
-pub fn guest_dir() -> PathBuf {
-    std::env::var_os("LOFT_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/guest")))
+/// The places the bundled guest may be, in the order they are tried: `LOFT_GUEST_DIR`; an
+/// installed guest beside the executable (`BIN/../share/loft/guest`, as `scripts/install.sh`
+/// lays it out); a build tree's `target/guest` seen from the executable (`target/release/loft`,
+/// `target/debug/deps/…`); `/usr/local/share/loft/guest`; and, in development builds only, the
+/// source tree's `target/guest`.
+pub fn guest_dirs() -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    if let Some(dir) = std::env::var_os("LOFT_GUEST_DIR") {
+        dirs.push(PathBuf::from(dir));
+    }
+    if let Some(bin) = std::env::current_exe().ok().and_then(|e| e.parent().map(PathBuf::from)) {
+        dirs.push(bin.join("../share/loft/guest"));
+        dirs.push(bin.join("../guest"));
+        dirs.push(bin.join("../../guest"));
+    }
+    dirs.push(PathBuf::from("/usr/local/share/loft/guest"));
+    #[cfg(debug_assertions)]
+    dirs.push(PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/guest")));
+    dirs
 }
 
-/// The bundled guest's kernel and initramfs, when they are there.
-pub fn bundled_guest() -> Result<(PathBuf, Option<PathBuf>), ConfigError> {
-    let dir = guest_dir();
+/// The bundled guest's kernel and initramfs from the first of `dirs` that has a kernel
+/// (`vmlinux`); the initramfs (`initramfs.cpio`) is optional.
+pub fn bundled_guest_in(dirs: &[PathBuf]) -> Result<(PathBuf, Option<PathBuf>), ConfigError> {
+    let dir = dirs
+        .iter()
+        .find(|d| d.join("vmlinux").is_file())
+        .ok_or_else(|| ConfigError::NoDefaultKernel(dirs.to_vec()))?;
     let kernel = dir.join("vmlinux");
-    if !kernel.is_file() {
-        return Err(ConfigError::NoDefaultKernel(kernel));
-    }
     let initrd = dir.join("initramfs.cpio");
     Ok((kernel, initrd.is_file().then_some(initrd)))
 }

@@ -6,7 +6,7 @@
 //!
 //! ```no_run
 //! use std::time::Duration;
-//! use loft::sandbox::VmBuilder;
+//! use loft::VmBuilder;
 //!
 //! let mut vm = VmBuilder::new()                     // the bundled guest (firmware/build.sh)
 //!     .cpus(2)
@@ -30,11 +30,12 @@ use std::time::{Duration, Instant};
 
 use loft_devices::bus::lock;
 
-use crate::agent_client::{self, AgentError, ExitStatus, Output};
+use loft_agent::client::{self as agent_client, AgentError, ExitStatus, Output};
 use crate::boot_timer::{BootTimes, Timeline};
 use crate::config::{self, DiskConfig, MemSize, NetConfig, VmConfig, VsockConfig};
 use crate::stop::{StopNotifier, StopReason};
-use crate::{Error, Vmm};
+use crate::vmm::Vmm;
+use crate::Error;
 pub use loft_agent::ExecRequest;
 
 /// Where the guest's console output goes.
@@ -46,6 +47,9 @@ enum Console {
 
 /// Describes a VM; [`VmBuilder::start`] builds and starts it.
 pub struct VmBuilder {
+    guest_dir: Option<PathBuf>,
+    stdin_console: bool,
+    times_from: Option<Instant>,
     kernel: Option<PathBuf>,
     initrd: Option<PathBuf>,
     rootfs: Option<PathBuf>,
@@ -82,6 +86,9 @@ impl VmBuilder {
     /// One vCPU, 128 MiB, the bundled guest's kernel and initramfs, console discarded.
     pub fn new() -> Self {
         Self {
+            guest_dir: None,
+            stdin_console: false,
+            times_from: None,
             kernel: None,
             initrd: None,
             rootfs: None,
@@ -112,6 +119,15 @@ impl VmBuilder {
     /// How long [`VmHandle::exec`] waits for the guest agent to answer.
     pub fn agent_timeout(mut self, timeout: Duration) -> Self {
         self.agent_timeout = timeout;
+        self
+    }
+
+    /// Takes the bundled guest (`vmlinux`, `initramfs.cpio`) from `dir` instead of searching
+    /// `LOFT_GUEST_DIR`, the installed guest beside the executable
+    /// (`BIN/../share/loft/guest`), a build tree's `target/guest` and
+    /// `/usr/local/share/loft/guest`.
+    pub fn guest_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.guest_dir = Some(dir.into());
         self
     }
 
@@ -169,8 +185,13 @@ impl VmBuilder {
     }
 
     /// Guest RAM in MiB.
-    pub fn memory_mib(mut self, mib: u64) -> Self {
-        self.config.memory = MemSize(mib << 20);
+    pub fn memory_mib(self, mib: u64) -> Self {
+        self.memory(MemSize(mib << 20))
+    }
+
+    /// Guest RAM.
+    pub fn memory(mut self, size: MemSize) -> Self {
+        self.config.memory = size;
         self
     }
 
@@ -200,12 +221,29 @@ impl VmBuilder {
         self.console_writer(CallbackWriter(callback))
     }
 
+    /// Feeds this process's stdin to the guest's serial console (`loft run` does): Ctrl-A x
+    /// stops the VM when stdin is a terminal.
+    pub fn stdin_console(mut self) -> Self {
+        self.stdin_console = true;
+        self
+    }
+
+    /// Counts [`VmHandle::boot_times`] from `origin` (for example the process's start) instead
+    /// of from [`VmBuilder::start`].
+    pub fn times_from(mut self, origin: Instant) -> Self {
+        self.times_from = Some(origin);
+        self
+    }
+
     /// The configuration this builder describes, with the bundled guest filled in.
     pub fn config(&self) -> Result<VmConfig, Error> {
         let mut config = self.config.clone();
         let (kernel, bundled_initrd) = match &self.kernel {
             Some(k) => (k.clone(), None),
-            None => config::bundled_guest()?,
+            None => match &self.guest_dir {
+                Some(dir) => config::bundled_guest_in(std::slice::from_ref(dir))?,
+                None => config::bundled_guest_in(&config::guest_dirs())?,
+            },
         };
         config.kernel = kernel;
         config.initrd = self.initrd.clone().or(if self.rootfs.is_some() {
@@ -245,8 +283,11 @@ impl VmBuilder {
             Console::Capture => Box::new(SharedBuffer(captured.clone())),
             Console::Writer(w) => w,
         };
-        let timeline = Arc::new(Timeline::new(Instant::now()));
-        let vmm = Vmm::build_with_timeline(&config, out, timeline.clone())?;
+        let timeline = Arc::new(Timeline::new(self.times_from.unwrap_or_else(Instant::now)));
+        let mut vmm = Vmm::build_with_timeline(&config, out, timeline.clone())?;
+        if self.stdin_console {
+            vmm.attach_stdin()?;
+        }
         let stopper = vmm.stop_handle();
         let done = Arc::new(Done::default());
         let thread = {
@@ -265,7 +306,7 @@ impl VmBuilder {
         };
         Ok(VmHandle {
             stopper,
-            thread: Some(thread),
+            thread: Mutex::new(Some(thread)),
             done,
             captured,
             timeline,
@@ -321,7 +362,7 @@ impl Done {
 /// Dropping the handle stops the VM and releases its threads and file descriptors.
 pub struct VmHandle {
     stopper: Arc<StopNotifier>,
-    thread: Option<JoinHandle<Result<StopReason, Error>>>,
+    thread: Mutex<Option<JoinHandle<Result<StopReason, Error>>>>,
     done: Arc<Done>,
     captured: Arc<Mutex<Vec<u8>>>,
     timeline: Arc<Timeline>,
@@ -381,14 +422,14 @@ impl VmHandle {
 
     /// Waits for the VM to stop and says why. After the first call that returns the reason,
     /// later calls return [`Error::AlreadyWaited`].
-    pub fn wait(&mut self) -> Result<StopReason, Error> {
+    pub fn wait(&self) -> Result<StopReason, Error> {
         self.done.wait(None);
         self.collect()
     }
 
     /// Waits at most `timeout`: `Ok(None)` when the VM is still running then.
-    pub fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<StopReason>, Error> {
-        if self.thread.is_some() && !self.done.wait(Some(timeout)) {
+    pub fn wait_timeout(&self, timeout: Duration) -> Result<Option<StopReason>, Error> {
+        if lock(&self.thread).is_some() && !self.done.wait(Some(timeout)) {
             return Ok(None);
         }
         self.collect().map(Some)
@@ -407,7 +448,7 @@ impl VmHandle {
     }
 
     /// Stops the VM and waits for its threads to end.
-    pub fn kill(&mut self) -> Result<StopReason, Error> {
+    pub fn kill(&self) -> Result<StopReason, Error> {
         self.stop();
         self.wait()
     }
@@ -422,8 +463,8 @@ impl VmHandle {
         self.timeline.times()
     }
 
-    fn collect(&mut self) -> Result<StopReason, Error> {
-        let thread = self.thread.take().ok_or(Error::AlreadyWaited)?;
+    fn collect(&self) -> Result<StopReason, Error> {
+        let thread = lock(&self.thread).take().ok_or(Error::AlreadyWaited)?;
         match thread.join() {
             Ok(result) => result,
             Err(_) => Err(Error::VmmPanicked),
@@ -433,7 +474,7 @@ impl VmHandle {
 
 impl Drop for VmHandle {
     fn drop(&mut self) {
-        if let Some(thread) = self.thread.take() {
+        if let Some(thread) = lock(&self.thread).take() {
             self.stopper.notify(StopReason::Stopped);
             let _ = thread.join();
         }

@@ -1,29 +1,63 @@
-//! loft: a KVM micro-VM monitor that boots a Linux guest in milliseconds.
+//! loft: a KVM micro-VM monitor as a library. Boot a Linux guest, run commands in it through
+//! its guest agent, stop it, and keep many such VMs in one process.
 //!
-//! The crate is both the `loft` command and a library. Building blocks, in the order a VM is
-//! made: [`config`] (what the user asked for), [`loader`] (kernel, initrd, command line),
-//! [`arch`] (the x86_64 memory map and boot structures), [`vstate`] (the KVM VM, its memory and
-//! vCPUs), [`vmm`] (devices, the event loop, running and stopping).
+//! ```no_run
+//! use loft::{ExecRequest, VmBuilder};
+//!
+//! let mut vm = VmBuilder::new().cpus(1).memory_mib(128).start()?; // the bundled guest
+//! let out = vm.exec(&ExecRequest::new(["/bin/sh", "-c", "uname -r; exit 3"]))?;
+//! println!("{} {:?}", String::from_utf8_lossy(&out.stdout), out.status);
+//! vm.kill()?;
+//! # Ok::<(), loft::Error>(())
+//! ```
+//!
+//! The public API is small: [`VmBuilder`] describes a VM and starts it, [`VmHandle`] controls a
+//! running one, [`VmConfig`] and its parts are the configuration, [`Error`] (with the causes in
+//! [`error`]) is what can go wrong. Everything else is internal.
+//!
+//! Inside, in the order a VM is made: `config` (what the user asked for), `loader` (kernel,
+//! initrd, command line), `arch` (the x86_64 memory map and boot structures), `vstate` (the KVM
+//! VM, its memory and vCPUs), `device_manager` (where each device goes), `builder` (the build
+//! phases), `vmm` (the event loop, running and stopping), `sandbox` (the handle API).
 
-pub mod agent_client;
-pub mod arch;
-pub mod boot_timer;
-pub mod config;
-pub mod console;
-pub mod device_manager;
-pub mod host;
-pub mod loader;
-pub mod sandbox;
-pub mod stop;
-pub mod vmm;
-pub mod vstate;
+#![warn(missing_docs)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
-pub use boot_timer::{BootTimes, Timeline};
+mod arch;
+mod boot_timer;
+mod config;
+mod console;
+mod device_manager;
+mod host;
+mod loader;
+mod sandbox;
+mod stop;
+mod vmm;
+mod vstate;
+
+pub use boot_timer::{BootTimes, Mark};
 pub use config::{DiskConfig, MemSize, NetConfig, VmConfig, VsockConfig};
 pub use host::KvmFlavour;
-pub use sandbox::{VmBuilder, VmHandle};
+pub use loft_agent::client::{ExitStatus, Output};
+pub use loft_agent::ExecRequest;
+pub use sandbox::{VmBuilder, VmHandle, AGENT_PORT, CONSOLE_CAPTURE_LIMIT, DEFAULT_AGENT_TIMEOUT};
 pub use stop::StopReason;
-pub use vmm::Vmm;
+
+/// The causes an [`Error`] carries, one type per part of loft.
+pub mod error {
+    pub use crate::arch::x86_64::boot_params::BootParamsError;
+    pub use crate::arch::x86_64::mptable::MptableError;
+    pub use crate::config::ConfigError;
+    pub use crate::device_manager::DeviceManagerError;
+    pub use crate::loader::LoaderError;
+    pub use crate::vstate::memory::MemoryError;
+    pub use crate::vstate::vcpu::VcpuError;
+    pub use crate::vstate::vm::VmError;
+    pub use loft_agent::client::AgentError;
+    pub use loft_devices::virtio::block::BlockError;
+    pub use loft_devices::virtio::net::NetError;
+    pub use loft_devices::virtio::vsock::VsockError;
+}
 
 /// Everything that can go wrong building or running a VM.
 #[derive(Debug, thiserror::Error)]
@@ -93,7 +127,7 @@ pub enum Error {
     AgentGone,
     /// Talking to the guest agent failed.
     #[error("guest agent: {0}")]
-    Agent(#[from] agent_client::AgentError),
+    Agent(#[from] loft_agent::client::AgentError),
     /// The VMM thread panicked (a bug in loft).
     #[error("the VMM thread panicked")]
     VmmPanicked,

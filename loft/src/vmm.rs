@@ -52,8 +52,6 @@ pub struct Vmm {
     _vm: VmFd,
     _kvm: Kvm,
     _mem: GuestMemoryMmap,
-    flavour: KvmFlavour,
-    cmdline: String,
     timeline: Arc<Timeline>,
 }
 
@@ -88,12 +86,8 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
 
 impl Vmm {
     /// Builds the VM: checks the inputs, loads the guest, creates devices and vCPUs. Nothing
-    /// runs yet. The guest's console output goes to `console`. Times count from now.
-    pub fn build(config: &VmConfig, console: ConsoleOut) -> Result<Self, Error> {
-        Self::build_with_timeline(config, console, Arc::new(Timeline::new(Instant::now())))
-    }
-
-    /// [`Vmm::build`], recording the run's phases in `timeline`.
+    /// runs yet. The guest's console output goes to `console`; the run's phases are recorded in
+    /// `timeline`.
     pub fn build_with_timeline(
         config: &VmConfig,
         console: ConsoleOut,
@@ -269,24 +263,7 @@ impl Vmm {
             _vm: vm_fd,
             _kvm: kvm,
             _mem: mem,
-            flavour,
-            cmdline: cmdline_text,
         })
-    }
-
-    /// The KVM flavour of this host.
-    pub fn flavour(&self) -> KvmFlavour {
-        self.flavour
-    }
-
-    /// The phases of this run so far.
-    pub fn timeline(&self) -> Arc<Timeline> {
-        self.timeline.clone()
-    }
-
-    /// The kernel command line the guest gets.
-    pub fn cmdline(&self) -> &str {
-        &self.cmdline
     }
 
     /// Something that stops this VM from another thread.
