@@ -136,7 +136,7 @@ fn no_kernel_and_no_bundled_guest() {
         &o,
         &[
             "no --kernel given",
-            "/nonexistent/guest/vmlinux",
+            "/nonexistent/guest",
             "firmware/build.sh",
         ],
     );

@@ -264,24 +264,29 @@ pub fn default_kvm_device() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/dev/kvm"))
 }
 
-/// The places the bundled guest may be, in the order they are tried: `LOFT_GUEST_DIR`; an
-/// installed guest beside the executable (`BIN/../share/loft/guest`, as `scripts/install.sh`
-/// lays it out); a build tree's `target/guest` seen from the executable (`target/release/loft`,
-/// `target/debug/deps/…`); `/usr/local/share/loft/guest`; and, in development builds only, the
-/// source tree's `target/guest`.
+/// The places the bundled guest may be, in the order they are tried: `LOFT_GUEST_DIR` alone when
+/// it is set; else an installed guest beside the executable (`BIN/../share/loft/guest`, as
+/// `scripts/install.sh` lays it out), a build tree's `target/guest` seen from the executable
+/// (`target/release/loft`, `target/debug/deps/…`), `/usr/local/share/loft/guest`, and, in
+/// development builds only, the source tree's `target/guest`.
 pub fn guest_dirs() -> Vec<PathBuf> {
-    let mut dirs = Vec::new();
     if let Some(dir) = std::env::var_os("LOFT_GUEST_DIR") {
-        dirs.push(PathBuf::from(dir));
+        return vec![PathBuf::from(dir)];
     }
-    if let Some(bin) = std::env::current_exe().ok().and_then(|e| e.parent().map(PathBuf::from)) {
-        dirs.push(bin.join("../share/loft/guest"));
-        dirs.push(bin.join("../guest"));
-        dirs.push(bin.join("../../guest"));
+    let mut dirs = Vec::new();
+    let exe = std::env::current_exe().ok();
+    let bin = exe.as_deref().and_then(|e| e.parent());
+    if let Some(prefix) = bin.and_then(|b| b.parent()) {
+        dirs.push(prefix.join("share/loft/guest"));
+        dirs.push(prefix.join("guest"));
+        if let Some(target) = prefix.parent() {
+            dirs.push(target.join("guest"));
+        }
     }
     dirs.push(PathBuf::from("/usr/local/share/loft/guest"));
     #[cfg(debug_assertions)]
-    dirs.push(PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/guest")));
+    dirs.push(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest"));
+    dirs.dedup();
     dirs
 }
 

@@ -25,9 +25,11 @@
 
 mod arch;
 mod boot_timer;
+mod builder;
 mod config;
 mod console;
 mod device_manager;
+mod event_loop;
 mod host;
 mod loader;
 mod sandbox;

@@ -388,6 +388,18 @@ pub fn build_cmdline(
         .map_err(|e| LoaderError::CmdlineInvalid(e.to_string()))
 }
 
+/// Writes `cmdline` where the boot structures say it is; returns its length in bytes (without
+/// the terminating NUL).
+pub fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &Cmdline) -> Result<usize, LoaderError> {
+    let text = cmdline
+        .as_cstring()
+        .map_err(|e| LoaderError::CmdlineInvalid(e.to_string()))?;
+    loader::load_cmdline(mem, GuestAddress(layout::CMDLINE_ADDR), cmdline)
+        .map_err(|e| LoaderError::CmdlineInvalid(e.to_string()))?;
+    log::debug!("kernel command line: {}", text.to_string_lossy());
+    Ok(text.as_bytes().len())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -30,12 +30,12 @@ use std::time::{Duration, Instant};
 
 use loft_devices::bus::lock;
 
-use loft_agent::client::{self as agent_client, AgentError, ExitStatus, Output};
 use crate::boot_timer::{BootTimes, Timeline};
+use crate::builder;
 use crate::config::{self, DiskConfig, MemSize, NetConfig, VmConfig, VsockConfig};
 use crate::stop::{StopNotifier, StopReason};
-use crate::vmm::Vmm;
 use crate::Error;
+use loft_agent::client::{self as agent_client, AgentError, ExitStatus, Output};
 pub use loft_agent::ExecRequest;
 
 /// Where the guest's console output goes.
@@ -284,7 +284,7 @@ impl VmBuilder {
             Console::Writer(w) => w,
         };
         let timeline = Arc::new(Timeline::new(self.times_from.unwrap_or_else(Instant::now)));
-        let mut vmm = Vmm::build_with_timeline(&config, out, timeline.clone())?;
+        let mut vmm = builder::build_microvm_for_boot(&config, out, timeline.clone())?;
         if self.stdin_console {
             vmm.attach_stdin()?;
         }

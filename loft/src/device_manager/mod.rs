@@ -4,14 +4,18 @@
 
 use std::sync::{Arc, Mutex};
 
-use event_manager::{EventManager, SubscriberOps};
+use event_manager::SubscriberOps;
 use kvm_ioctls::{IoEventAddress, VmFd};
 use loft_devices::virtio::{VirtioMmioDevice, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
 use loft_devices::Bus;
 use vm_allocator::{AddressAllocator, AllocPolicy, IdAllocator};
 
 use crate::arch::x86_64::{layout, mptable};
-use crate::vmm::Subscriber;
+use crate::event_loop::EventLoop;
+
+mod legacy;
+
+pub use legacy::LegacyDevices;
 
 /// First IRQ line for virtio devices: 0-4 are the PIT, keyboard, cascade and COM1/COM2.
 const FIRST_VIRTIO_IRQ: u32 = 5;
@@ -22,19 +26,26 @@ const VIRTIO_MMIO_SIZE: u64 = layout::IOAPIC_ADDR - layout::VIRTIO_MMIO_START;
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceManagerError {
     /// No MMIO window or IRQ line left.
-    #[error("no room for another device: {0}")]
-    Exhausted(vm_allocator::Error),
+    #[error("no room for another device")]
+    Exhausted(#[source] vm_allocator::Error),
     /// The bus refused the window.
-    #[error("cannot map the device: {0}")]
+    #[error("cannot map the device")]
     Bus(#[from] loft_devices::BusError),
     /// KVM refused an ioeventfd or irqfd.
-    #[error("cannot connect the device to KVM ({what}): {source}")]
+    #[error("cannot connect the device to KVM ({what})")]
     Kvm {
         /// Which connection.
         what: &'static str,
         /// KVM's error.
+        #[source]
         source: kvm_ioctls::Error,
     },
+    /// An eventfd could not be created.
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    /// A virtio device could not be wrapped in its transport.
+    #[error("cannot set up a virtio device")]
+    Virtio(#[source] loft_devices::virtio::Error),
 }
 
 /// Where a device landed.
@@ -58,8 +69,10 @@ impl DeviceSlot {
     }
 }
 
-/// Hands out MMIO windows and IRQs and keeps the MMIO bus.
+/// Hands out MMIO windows and IRQs, and keeps both buses: port I/O (the legacy devices) and
+/// MMIO (the virtio devices).
 pub struct DeviceManager {
+    pio: Bus,
     mmio: Bus,
     addresses: AddressAllocator,
     irqs: IdAllocator,
@@ -70,6 +83,7 @@ impl DeviceManager {
     /// An empty manager covering the virtio MMIO range and IRQs 5..23.
     pub fn new() -> Self {
         Self {
+            pio: Bus::new(),
             mmio: Bus::new(),
             // Both ranges are constants that fit: these cannot fail.
             addresses: AddressAllocator::new(layout::VIRTIO_MMIO_START, VIRTIO_MMIO_SIZE)
@@ -101,7 +115,7 @@ impl DeviceManager {
     pub fn add_virtio(
         &mut self,
         vm: &VmFd,
-        event_manager: &mut EventManager<Subscriber>,
+        event_manager: &mut EventLoop,
         device: VirtioMmioDevice,
     ) -> Result<DeviceSlot, DeviceManagerError> {
         let slot = self.allocate()?;
@@ -125,9 +139,14 @@ impl DeviceManager {
         &self.cmdline
     }
 
-    /// The MMIO bus, for the vCPUs.
-    pub fn into_bus(self) -> Bus {
-        self.mmio
+    /// Wires the legacy devices on the port-I/O bus.
+    pub fn add_legacy(&mut self, legacy: &LegacyDevices) -> Result<(), DeviceManagerError> {
+        legacy.attach(&mut self.pio)
+    }
+
+    /// The port-I/O and MMIO buses, for the vCPUs.
+    pub fn into_buses(self) -> (Bus, Bus) {
+        (self.pio, self.mmio)
     }
 }
 
