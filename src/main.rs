@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
-use loft::{DiskConfig, ExecRequest, ExitStatus, MemSize, NetConfig, VmBuilder, VmHandle, VsockConfig};
+use loft::{
+    DiskConfig, ExecRequest, ExitStatus, MemSize, NetConfig, VmBuilder, VmHandle, VsockConfig,
+};
 use terminal::RawTerminal;
 
 /// Boot a Linux guest in a KVM micro-VM.

@@ -31,4 +31,3 @@ impl Drop for RawTerminal {
         let _ = termios::tcsetattr(io::stdin().as_fd(), SetArg::TCSANOW, &self.saved);
     }
 }
-

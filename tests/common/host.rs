@@ -46,4 +46,3 @@ pub fn loft_threads_when(done: impl Fn(usize) -> bool) -> usize {
 pub fn loft_threads_after_exit() -> usize {
     loft_threads_when(|n| n == 0)
 }
-
