@@ -4,7 +4,11 @@
 //! buffer is empty and then writing the pulse-reset command 0xfe to it. loft treats that write as
 //! "the guest wants to stop" (the Firecracker convention): it signals an [`EventFd`] the VMM waits
 //! on. Everything else reads as an idle controller with no data.
+//!
+//! The controller keeps no state of its own: its [`I8042State`] is empty, and is there so that
+//! every device saves and restores the same way.
 
+use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
@@ -18,6 +22,10 @@ const COMMAND_OFFSET: u64 = 4;
 /// Command byte: pulse the CPU reset line.
 const CMD_RESET_CPU: u8 = 0xfe;
 
+/// The saved state of the controller: nothing, since every read is the idle status.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct I8042State {}
+
 /// The reset half of an i8042.
 pub struct I8042 {
     reset_evt: EventFd,
@@ -27,6 +35,17 @@ impl I8042 {
     /// A controller that writes `reset_evt` when the guest pulses the reset line.
     pub fn new(reset_evt: EventFd) -> Self {
         Self { reset_evt }
+    }
+
+    /// A controller restored from `state`, writing `reset_evt` as [`I8042::new`] does.
+    pub fn restore(reset_evt: EventFd, state: &I8042State) -> Self {
+        let I8042State {} = state;
+        Self::new(reset_evt)
+    }
+
+    /// The controller's state, for a snapshot.
+    pub fn save(&self) -> I8042State {
+        I8042State {}
     }
 }
 
@@ -60,6 +79,21 @@ mod tests {
         dev.write(COMMAND_OFFSET, &[0xd1]);
         dev.write(COMMAND_OFFSET, &[CMD_RESET_CPU, 0]); // wrong width
         assert!(evt.read().is_err(), "no reset expected yet");
+        dev.write(COMMAND_OFFSET, &[CMD_RESET_CPU]);
+        assert_eq!(evt.read().unwrap(), 1);
+    }
+
+    #[test]
+    fn save_restore() {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let state = I8042::new(evt.try_clone().unwrap()).save();
+        let json = serde_json::to_string(&state).unwrap();
+        let back: I8042State = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, state);
+        let mut dev = I8042::restore(evt.try_clone().unwrap(), &back);
+        let mut status = [0xffu8];
+        dev.read(COMMAND_OFFSET, &mut status);
+        assert_eq!(status[0], 0);
         dev.write(COMMAND_OFFSET, &[CMD_RESET_CPU]);
         assert_eq!(evt.read().unwrap(), 1);
     }

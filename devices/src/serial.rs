@@ -1,9 +1,14 @@
 //! The 16550A UART at COM1 (0x3f8, IRQ 4), from vm-superio, wired to a host writer for output and
 //! fed with host input through [`SerialConsole::enqueue_input`].
+//!
+//! Snapshots: [`SerialConsole::save`] keeps the UART's registers and the input not yet read by
+//! the guest as a [`SerialConsoleState`]; [`SerialConsole::restore`] rebuilds the UART from one.
+//! Output is written through at once, so none is held.
 
 use std::io::{self, Write};
 
-use vm_superio::serial::NoEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -30,6 +35,81 @@ impl Trigger for IrqTrigger {
 /// Where the guest's console output goes.
 pub type ConsoleOut = Box<dyn Write + Send>;
 
+/// Bytes the UART's receive FIFO holds.
+pub const FIFO_SIZE: usize = 64;
+
+/// Errors from restoring the serial console.
+#[derive(Debug, thiserror::Error)]
+pub enum SerialError {
+    /// The saved receive FIFO holds more than the UART's.
+    #[error("saved receive FIFO holds {0} bytes, more than the UART's 64")]
+    FifoOverflow(usize),
+    /// The interrupt pending in the saved state could not be raised.
+    #[error("cannot raise the restored UART's interrupt")]
+    Interrupt(#[source] io::Error),
+}
+
+/// The saved state of the UART: its registers, and the host input the guest has not read yet.
+///
+/// The same fields as vm-superio's `SerialState`, which has no serde support.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialConsoleState {
+    /// Divisor latch, low byte.
+    pub baud_divisor_low: u8,
+    /// Divisor latch, high byte.
+    pub baud_divisor_high: u8,
+    /// Interrupt Enable Register.
+    pub interrupt_enable: u8,
+    /// Interrupt Identification Register.
+    pub interrupt_identification: u8,
+    /// Line Control Register.
+    pub line_control: u8,
+    /// Line Status Register.
+    pub line_status: u8,
+    /// Modem Control Register.
+    pub modem_control: u8,
+    /// Modem Status Register.
+    pub modem_status: u8,
+    /// Scratch Register.
+    pub scratch: u8,
+    /// The receive FIFO: input the guest has not read, at most [`FIFO_SIZE`] bytes.
+    pub in_buffer: Vec<u8>,
+}
+
+impl From<SerialState> for SerialConsoleState {
+    fn from(s: SerialState) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl From<&SerialConsoleState> for SerialState {
+    fn from(s: &SerialConsoleState) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
+
 /// The guest's serial console.
 pub struct SerialConsole {
     uart: Serial<IrqTrigger, NoEvents, ConsoleOut>,
@@ -41,6 +121,34 @@ impl SerialConsole {
         Self {
             uart: Serial::new(IrqTrigger(irq), out),
         }
+    }
+
+    /// A UART restored from `state`, raising `irq` and writing to `out` as [`SerialConsole::new`]
+    /// does. An interrupt pending in the state is raised again.
+    pub fn restore(
+        irq: EventFd,
+        out: ConsoleOut,
+        state: &SerialConsoleState,
+    ) -> Result<Self, SerialError> {
+        if state.in_buffer.len() > FIFO_SIZE {
+            return Err(SerialError::FifoOverflow(state.in_buffer.len()));
+        }
+        let uart = Serial::from_state(&state.into(), IrqTrigger(irq), NoEvents, out).map_err(
+            |e| match e {
+                vm_superio::serial::Error::Trigger(e) | vm_superio::serial::Error::IOError(e) => {
+                    SerialError::Interrupt(e)
+                }
+                vm_superio::serial::Error::FullFifo => {
+                    SerialError::FifoOverflow(state.in_buffer.len())
+                }
+            },
+        )?;
+        Ok(Self { uart })
+    }
+
+    /// The UART's registers and unread input, for a snapshot.
+    pub fn save(&self) -> SerialConsoleState {
+        self.uart.state().into()
     }
 
     /// Free room in the receive FIFO.
@@ -128,6 +236,84 @@ mod tests {
         s.read(0, &mut wide);
         assert_eq!(wide, [0xff, 0xff]);
         s.write(0, &[1, 2, 3]);
+    }
+
+    #[test]
+    fn save_restore_keeps_registers_and_unread_input() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut s = SerialConsole::new(irq.try_clone().unwrap(), Box::new(io::sink()));
+        s.write(3, &[0x80]); // DLAB
+        s.write(0, &[0x0c]);
+        s.write(1, &[0x00]);
+        s.write(3, &[0x03]); // 8N1
+        s.write(7, &[0x5a]); // scratch
+        s.write(1, &[0x01]); // RX interrupt
+        assert_eq!(s.enqueue_input(b"abc"), 3);
+        assert_eq!(irq.read().unwrap(), 1);
+
+        let state = s.save();
+        assert_eq!(state.in_buffer, b"abc");
+        let json = serde_json::to_string(&state).unwrap();
+        let back: SerialConsoleState = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, state);
+
+        let out = Shared::default();
+        let irq2 = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut r = SerialConsole::restore(irq2.try_clone().unwrap(), Box::new(out.clone()), &back)
+            .unwrap();
+        assert_eq!(r.save(), state);
+        // The RX interrupt was pending: raised again.
+        assert_eq!(irq2.read().unwrap(), 1);
+        let mut b = [0u8];
+        for (off, want) in [(3, 0x03), (7, 0x5a), (1, 0x01)] {
+            r.read(off, &mut b);
+            assert_eq!(b[0], want, "register {off}");
+        }
+        for want in b"abc" {
+            r.read(0, &mut b);
+            assert_eq!(b[0], *want);
+        }
+        r.read(5, &mut b);
+        assert_eq!(b[0] & 1, 0, "no data left");
+        r.write(0, b"!");
+        assert_eq!(&*out.0.lock().unwrap(), b"!");
+    }
+
+    #[test]
+    fn hostile_states_are_refused_or_harmless() {
+        let mut state = SerialConsole::new(EventFd::new(0).unwrap(), Box::new(io::sink())).save();
+        state.in_buffer = vec![0; FIFO_SIZE + 1];
+        let err = SerialConsole::restore(EventFd::new(0).unwrap(), Box::new(io::sink()), &state)
+            .err()
+            .unwrap();
+        assert!(matches!(err, SerialError::FifoOverflow(65)), "{err}");
+        // A full FIFO is fine.
+        state.in_buffer.pop();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        assert!(SerialConsole::restore(irq, Box::new(io::sink()), &state).is_ok());
+        // Every register at every value: the UART works on.
+        for v in [0u8, 0x55, 0xaa, 0xff] {
+            let state = SerialConsoleState {
+                baud_divisor_low: v,
+                baud_divisor_high: v,
+                interrupt_enable: v,
+                interrupt_identification: v,
+                line_control: v,
+                line_status: v,
+                modem_control: v,
+                modem_status: v,
+                scratch: v,
+                in_buffer: vec![v; usize::from(v) % FIFO_SIZE],
+            };
+            let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+            let mut s = SerialConsole::restore(irq, Box::new(io::sink()), &state).unwrap();
+            for off in 0..COM1_PORT_LEN {
+                let mut b = [0u8];
+                s.read(off, &mut b);
+                s.write(off, &[v]);
+            }
+            s.enqueue_input(b"x");
+        }
     }
 
     #[test]
