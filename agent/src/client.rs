@@ -93,7 +93,7 @@ pub struct Output {
 pub enum AgentError {
     /// The Unix socket failed (connecting to it included: e.g. `NotFound` when the VMM has not
     /// created it).
-    #[error("agent connection: {0}")]
+    #[error("agent connection failed")]
     Io(#[source] io::Error),
     /// The call's timeout ran out.
     #[error("timed out waiting for the guest agent")]
@@ -105,8 +105,14 @@ pub enum AgentError {
         port: u32,
     },
     /// The VMM or the agent sent something that breaks the protocol.
-    #[error("agent protocol violation: {0}")]
-    Protocol(String),
+    #[error("agent protocol violation")]
+    Protocol(#[source] ProtocolError),
+    /// The VMM's vsock socket answered `CONNECT` with something other than `OK <port>`.
+    #[error("unexpected answer from the VMM's vsock socket: {0:?}")]
+    Handshake(String),
+    /// The agent closed the connection before it sent the command's exit status.
+    #[error("the agent closed the connection without an exit status")]
+    NoExitStatus,
     /// The agent announced a frame larger than [`MAX_FRAME`] (nothing was allocated for it).
     #[error("the agent announced a {len}-byte frame (limit {MAX_FRAME})")]
     FrameTooLarge {
@@ -115,7 +121,7 @@ pub enum AgentError {
     },
     /// The request breaks the protocol's rules (empty argv, NUL byte, too big, ...); nothing
     /// was sent.
-    #[error("invalid request: {0}")]
+    #[error("invalid request")]
     InvalidRequest(#[source] ProtocolError),
     /// The agent could not run the command (`Error` frame). `errno` is the guest's OS error
     /// (`ENOENT` = 2: command or working directory not found), 0 for a protocol complaint.
@@ -154,7 +160,7 @@ fn protocol_error(e: ProtocolError) -> AgentError {
     match e {
         ProtocolError::FrameTooLarge { len } => AgentError::FrameTooLarge { len },
         ProtocolError::Io(e) => io_error(e),
-        e => AgentError::Protocol(e.to_string()),
+        e => AgentError::Protocol(e),
     }
 }
 
@@ -226,7 +232,7 @@ fn connect_by(uds: &Path, port: u32, deadline: Option<Instant>) -> Result<UnixSt
             Ok(0) => return Err(AgentError::Refused { port }),
             Ok(_) if b[0] == b'\n' => break,
             Ok(_) if line.len() == MAX_HANDSHAKE_LINE => {
-                return Err(AgentError::Protocol("handshake answer too long".into()))
+                return Err(AgentError::Handshake("(answer too long)".into()))
             }
             Ok(_) => line.push(b[0]),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -239,10 +245,9 @@ fn connect_by(uds: &Path, port: u32, deadline: Option<Instant>) -> Result<UnixSt
         .and_then(|p| p.trim().parse::<u32>().ok());
     match host_port {
         Some(_) => Ok(stream),
-        None => Err(AgentError::Protocol(format!(
-            "unexpected handshake answer {:?}",
-            text.chars().take(MAX_HANDSHAKE_LINE).collect::<String>()
-        ))),
+        None => Err(AgentError::Handshake(
+            text.chars().take(MAX_HANDSHAKE_LINE).collect::<String>(),
+        )),
     }
 }
 
@@ -251,10 +256,28 @@ fn connect_by(uds: &Path, port: u32, deadline: Option<Instant>) -> Result<UnixSt
 /// still booting), and a Unix socket that does not exist or accept yet (the VMM is starting).
 /// The probe connection is closed again; the agent ignores it.
 pub fn wait_for_agent(uds: &Path, port: u32, deadline: Instant) -> Result<(), AgentError> {
+    connect_when_ready(uds, port, deadline, &|| false).map(drop)
+}
+
+/// Longest a single connection attempt of [`connect_when_ready`] may take: a guest whose vsock
+/// driver is not up yet never answers a `CONNECT`, and the next attempt may find it up.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connects to the agent on vsock `port` once it listens: retries while the guest is booting
+/// (a refused `CONNECT`, an attempt that got no answer within [`ATTEMPT_TIMEOUT`]) or the VMM is
+/// starting (no socket yet), until `deadline` passes or `gone()` says the VM has stopped (both
+/// [`AgentError::Timeout`]). Any other error is returned at once.
+pub fn connect_when_ready(
+    uds: &Path,
+    port: u32,
+    deadline: Instant,
+    gone: &dyn Fn() -> bool,
+) -> Result<UnixStream, AgentError> {
     loop {
-        match connect_by(uds, port, Some(deadline)) {
-            Ok(_) => return Ok(()),
-            Err(AgentError::Refused { .. }) => {}
+        let attempt = deadline.min(Instant::now() + ATTEMPT_TIMEOUT);
+        match connect_by(uds, port, Some(attempt)) {
+            Ok(stream) => return Ok(stream),
+            Err(AgentError::Refused { .. } | AgentError::Timeout) => {}
             Err(AgentError::Io(e))
                 if matches!(
                     e.kind(),
@@ -263,7 +286,7 @@ pub fn wait_for_agent(uds: &Path, port: u32, deadline: Instant) -> Result<(), Ag
             Err(e) => return Err(e),
         }
         let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
+        if left.is_zero() || gone() {
             return Err(AgentError::Timeout);
         }
         thread::sleep(left.min(RETRY_INTERVAL));
@@ -405,6 +428,7 @@ fn run(
             Err(
                 answer @ (AgentError::Remote { .. }
                 | AgentError::Protocol(_)
+                | AgentError::NoExitStatus
                 | AgentError::FrameTooLarge { .. }),
             ) => Err(answer),
             _ => Err(e),
@@ -461,11 +485,7 @@ fn read_answer(
                 return Err(AgentError::Remote { errno, message });
             }
             Some(f) => return Err(protocol_error(ProtocolError::Unexpected(f.kind()))),
-            None => {
-                return Err(AgentError::Protocol(
-                    "the agent closed the connection without an exit status".into(),
-                ))
-            }
+            None => return Err(AgentError::NoExitStatus),
         }
     }
 }
@@ -767,14 +787,17 @@ mod tests {
             let _ = s.write_all(b"NOPE\n");
         });
         let err = connect(&vmm.path, PORT, LONG).unwrap_err();
-        assert!(matches!(err, AgentError::Protocol(_)), "{err:?}");
+        assert!(
+            matches!(err, AgentError::Handshake(ref m) if m == "NOPE"),
+            "{err:?}"
+        );
         let vmm = fake_vmm("long", |mut s, _| {
             read_connect_line(&mut s);
             let _ = s.write_all(&vec![b'O'; 1 << 20]);
         });
         let err = connect(&vmm.path, PORT, LONG).unwrap_err();
         assert!(
-            matches!(err, AgentError::Protocol(ref m) if m.contains("too long")),
+            matches!(err, AgentError::Handshake(ref m) if m.contains("too long")),
             "{err:?}"
         );
     }
@@ -853,7 +876,7 @@ mod tests {
     fn hostile_garbage_is_a_protocol_error() {
         let (err, took) = hostile(b"garbage, not frames\n".to_vec(), false);
         assert!(
-            matches!(err, AgentError::Protocol(ref m) if m.contains("unknown frame kind")),
+            matches!(err, AgentError::Protocol(ProtocolError::UnknownKind(_))),
             "{err:?}"
         );
         assert!(took < SHORT);
@@ -864,7 +887,10 @@ mod tests {
         };
         let (err, _) = hostile(exec.encode().unwrap(), false);
         assert!(
-            matches!(err, AgentError::Protocol(ref m) if m.contains("Exec")),
+            matches!(
+                err,
+                AgentError::Protocol(ProtocolError::Unexpected(Kind::Exec))
+            ),
             "{err:?}"
         );
         // A final frame with a bad payload.
@@ -892,15 +918,12 @@ mod tests {
         bytes.extend_from_slice(&[b'x'; 10]);
         let (err, took) = hostile(bytes, true);
         assert!(
-            matches!(err, AgentError::Protocol(ref m) if m.contains("inside a frame")),
+            matches!(err, AgentError::Protocol(ProtocolError::Truncated)),
             "{err:?}"
         );
         assert!(took < SHORT);
         let (err, _) = hostile(Frame::Stdout(b"hi".to_vec()).encode().unwrap(), true);
-        assert!(
-            matches!(err, AgentError::Protocol(ref m) if m.contains("without an exit status")),
-            "{err:?}"
-        );
+        assert!(matches!(err, AgentError::NoExitStatus), "{err:?}");
     }
 
     #[test]

@@ -172,7 +172,7 @@ pub enum ProtocolError {
         reason: String,
     },
     /// The stream failed.
-    #[error("i/o error: {0}")]
+    #[error("i/o error")]
     Io(#[from] io::Error),
 }
 

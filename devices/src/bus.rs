@@ -3,6 +3,9 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+// Devices lock each other's state through this; it lives in `sync` for the VMM's use too.
+pub(crate) use crate::sync::lock;
+
 /// A device that answers reads and writes in an address range on a bus.
 ///
 /// `offset` is relative to the start of the range the device was inserted at. `data` is the
@@ -102,12 +105,6 @@ impl Bus {
             None => false,
         }
     }
-}
-
-/// Locks a device, recovering it if a thread panicked while holding it: a device's state stays
-/// usable (at worst the guest sees a failed request), and the VMM must not die with it.
-pub fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ pub mod boot_timer;
 pub mod bus;
 pub mod i8042;
 pub mod serial;
+pub mod sync;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};

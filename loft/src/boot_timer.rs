@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use loft_devices::boot_timer::GuestMilestones;
-use loft_devices::bus::lock;
+use loft_devices::sync::lock;
 
 /// A moment: wall time since the timeline's origin, and the process's CPU time then.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

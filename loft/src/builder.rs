@@ -42,7 +42,7 @@ pub fn build_microvm_for_boot(
     let kvm = open_kvm(config)?;
     let mem = memory::create(config.memory.bytes())?;
     let (vm_fd, loaded, initrd_at) = create_vm_while_loading(&kvm, &mem, &mut guest)?;
-    let mut event_loop = EventLoop::new().map_err(|e| Error::EventLoop(e.to_string()))?;
+    let mut event_loop = EventLoop::new().map_err(Error::EventLoop)?;
     let notifier = Arc::new(StopNotifier::new().map_err(sys("create the stop event"))?);
     let mut devices = DeviceManager::new();
     let legacy = attach_legacy_devices(&vm_fd, &mut devices, console, &notifier, &timeline)?;

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use loft_devices::bus::lock;
 use loft_devices::serial::SerialConsole;
+use loft_devices::sync::lock;
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::stop::{StopNotifier, StopReason};

@@ -86,7 +86,7 @@ pub enum Error {
     #[error(transparent)]
     BootParams(#[from] arch::x86_64::boot_params::BootParamsError),
     /// A disk (or the --root image) could not be opened.
-    #[error("disk {}: {source}", path.display())]
+    #[error("disk {}", path.display())]
     Disk {
         /// The image file.
         path: std::path::PathBuf,
@@ -94,7 +94,7 @@ pub enum Error {
         source: loft_devices::virtio::block::BlockError,
     },
     /// A network interface could not be set up.
-    #[error("--net tap={tap}: {source}")]
+    #[error("--net tap={tap}")]
     Net {
         /// The TAP device name.
         tap: String,
@@ -102,7 +102,7 @@ pub enum Error {
         source: loft_devices::virtio::net::NetError,
     },
     /// The vsock device could not be set up.
-    #[error("--vsock uds={}: {source}", uds.display())]
+    #[error("--vsock uds={}", uds.display())]
     Vsock {
         /// The Unix socket path.
         uds: std::path::PathBuf,
@@ -112,12 +112,9 @@ pub enum Error {
     /// A device could not be placed.
     #[error(transparent)]
     DeviceManager(#[from] device_manager::DeviceManagerError),
-    /// Devices could not be placed.
-    #[error("cannot set up devices: {0}")]
-    Devices(String),
     /// The event loop failed.
-    #[error("event loop: {0}")]
-    EventLoop(String),
+    #[error("the event loop failed")]
+    EventLoop(#[source] event_manager::Error),
     /// The VM's result was already collected by an earlier wait.
     #[error("the VM's result was already collected")]
     AlreadyWaited,
@@ -128,13 +125,13 @@ pub enum Error {
     #[error("the VM stopped before its guest agent answered")]
     AgentGone,
     /// Talking to the guest agent failed.
-    #[error("guest agent: {0}")]
+    #[error("guest agent")]
     Agent(#[from] loft_agent::client::AgentError),
     /// The VMM thread panicked (a bug in loft).
     #[error("the VMM thread panicked")]
     VmmPanicked,
     /// A host resource (thread, eventfd, stdin) failed.
-    #[error("cannot {what}: {source}")]
+    #[error("cannot {what}")]
     Host {
         /// What loft was doing.
         what: &'static str,

@@ -36,7 +36,7 @@ pub enum LoaderError {
     #[error("initrd {0}: no such file")]
     InitrdMissing(PathBuf),
     /// A boot file cannot be read.
-    #[error("cannot read {what} {path}: {source}")]
+    #[error("cannot read {what} {path}")]
     Unreadable {
         /// "kernel" or "initrd".
         what: &'static str,
@@ -79,23 +79,35 @@ pub enum LoaderError {
         max: usize,
     },
     /// A command line with characters the kernel does not take.
-    #[error("kernel command line is invalid: {0}")]
-    CmdlineInvalid(String),
+    #[error("kernel command line is invalid")]
+    CmdlineInvalid(#[source] linux_loader::cmdline::Error),
+    /// The command line could not be written to guest memory.
+    #[error("cannot write the kernel command line to guest memory")]
+    CmdlineWrite(#[source] loader::Error),
     /// linux-loader failed.
-    #[error("cannot load kernel {path}: {source}")]
+    #[error("cannot load kernel {path}")]
     Load {
         /// The file.
         path: PathBuf,
         /// The loader error.
         source: loader::Error,
     },
+    /// The initrd does not fit between the kernel and the top of low RAM.
+    #[error("initrd {path}: {len} bytes do not fit in guest memory above the kernel")]
+    InitrdTooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        len: u64,
+    },
     /// The initrd could not be copied to guest memory.
-    #[error("cannot load initrd {path}: {reason}")]
+    #[error("cannot copy initrd {path} into guest memory")]
     InitrdLoad {
         /// The file.
         path: PathBuf,
         /// Why.
-        reason: String,
+        #[source]
+        source: vm_memory::GuestMemoryError,
     },
 }
 
@@ -327,20 +339,26 @@ pub fn load_initrd(
     len: u64,
     kernel_end: u64,
 ) -> Result<InitrdPlacement, LoaderError> {
-    let fail = |reason: String| LoaderError::InitrdLoad {
-        path: path.into(),
-        reason,
-    };
     let top = crate::vstate::memory::low_ram_end(mem).min(layout::INITRD_ADDR_MAX + 1);
     let addr = top
         .checked_sub(len)
         .map(|a| a & !0xfff)
         .filter(|a| *a >= align_up(kernel_end, 4096))
-        .ok_or_else(|| fail(format!("{len} bytes do not fit above the kernel")))?;
+        .ok_or_else(|| LoaderError::InitrdTooLarge {
+            path: path.into(),
+            len,
+        })?;
     file.seek(SeekFrom::Start(0))
-        .map_err(|e| fail(e.to_string()))?;
+        .map_err(|source| LoaderError::Unreadable {
+            what: "initrd",
+            path: path.into(),
+            source,
+        })?;
     mem.read_exact_volatile_from(GuestAddress(addr), file, len as usize)
-        .map_err(|e| fail(e.to_string()))?;
+        .map_err(|source| LoaderError::InitrdLoad {
+            path: path.into(),
+            source,
+        })?;
     Ok(InitrdPlacement { addr, size: len })
 }
 
@@ -384,18 +402,15 @@ pub fn build_cmdline(
             max,
         });
     }
-    Cmdline::try_from(&text, layout::CMDLINE_MAX_LEN)
-        .map_err(|e| LoaderError::CmdlineInvalid(e.to_string()))
+    Cmdline::try_from(&text, layout::CMDLINE_MAX_LEN).map_err(LoaderError::CmdlineInvalid)
 }
 
 /// Writes `cmdline` where the boot structures say it is; returns its length in bytes (without
 /// the terminating NUL).
 pub fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &Cmdline) -> Result<usize, LoaderError> {
-    let text = cmdline
-        .as_cstring()
-        .map_err(|e| LoaderError::CmdlineInvalid(e.to_string()))?;
+    let text = cmdline.as_cstring().map_err(LoaderError::CmdlineInvalid)?;
     loader::load_cmdline(mem, GuestAddress(layout::CMDLINE_ADDR), cmdline)
-        .map_err(|e| LoaderError::CmdlineInvalid(e.to_string()))?;
+        .map_err(LoaderError::CmdlineWrite)?;
     log::debug!("kernel command line: {}", text.to_string_lossy());
     Ok(text.as_bytes().len())
 }

@@ -28,7 +28,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use loft_devices::bus::lock;
+use loft_devices::sync::lock;
 
 use crate::boot_timer::{BootTimes, Timeline};
 use crate::builder;
@@ -399,23 +399,12 @@ impl VmHandle {
     ) -> Result<ExitStatus, Error> {
         let uds = self.agent.as_deref().ok_or(Error::NoAgent)?;
         let deadline = Instant::now() + self.agent_timeout;
-        let stream = loop {
-            if self.is_finished() {
-                return Err(Error::AgentGone);
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(Error::Agent(AgentError::Timeout));
-            }
-            match agent_client::connect(uds, AGENT_PORT, Some(left.min(Duration::from_secs(5)))) {
-                Ok(stream) => break stream,
-                // Not listening yet (the guest is booting), or the device not up yet.
-                Err(AgentError::Refused { .. } | AgentError::Timeout | AgentError::Io(_)) => {
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                Err(e) => return Err(Error::Agent(e)),
-            }
-        };
+        let stream =
+            agent_client::connect_when_ready(uds, AGENT_PORT, deadline, &|| self.is_finished())
+                .map_err(|e| match e {
+                    AgentError::Timeout if self.is_finished() => Error::AgentGone,
+                    e => Error::Agent(e),
+                })?;
         agent_client::exec_on_stream(stream, cmd, None, None, on_stdout, on_stderr)
             .map_err(Error::Agent)
     }

@@ -118,7 +118,7 @@ impl StopNotifier {
 
     /// Records `reason` unless one is already recorded, and wakes the VMM.
     pub fn notify(&self, reason: StopReason) {
-        let mut slot = loft_devices::bus::lock(&self.reason);
+        let mut slot = loft_devices::sync::lock(&self.reason);
         if slot.is_none() {
             *slot = Some(reason);
         }
@@ -136,7 +136,7 @@ impl StopNotifier {
 
     /// The recorded reason; a bare write to the event means the guest reset.
     pub fn reason(&self) -> StopReason {
-        loft_devices::bus::lock(&self.reason)
+        loft_devices::sync::lock(&self.reason)
             .clone()
             .unwrap_or(StopReason::GuestReset)
     }

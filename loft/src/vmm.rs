@@ -79,7 +79,7 @@ impl Vmm {
         let result = loop {
             match self.event_loop.run_with_timeout(250) {
                 Ok(_) => {}
-                Err(e) => break Err(Error::EventLoop(e.to_string())),
+                Err(e) => break Err(Error::EventLoop(e)),
             }
             if interrupted() {
                 self.notifier.notify(StopReason::Stopped);

@@ -8,7 +8,7 @@ use crate::arch::x86_64::layout;
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
     /// The host could not map the memory.
-    #[error("cannot map {size} bytes of guest memory: {source}")]
+    #[error("cannot map {size} bytes of guest memory")]
     Map {
         /// Requested size.
         size: u64,

@@ -21,7 +21,7 @@ pub enum VmError {
         path: PathBuf,
     },
     /// `/dev/kvm` is there but cannot be opened.
-    #[error("cannot open {path}: {source} (does this user have access to it?)")]
+    #[error("cannot open {path} (does this user have access to it?)")]
     KvmOpen {
         /// The device path.
         path: PathBuf,
@@ -40,7 +40,7 @@ pub enum VmError {
     #[error("KVM lacks a capability loft needs: {0:?}")]
     MissingCap(Cap),
     /// A KVM ioctl failed.
-    #[error("KVM refused to {what}: {source}")]
+    #[error("KVM refused to {what}")]
     Kvm {
         /// What loft was doing.
         what: &'static str,

@@ -16,7 +16,7 @@ pub enum BootParamsError {
     #[error("the guest memory map has {0} entries, more than the boot protocol carries")]
     TooManyMemoryMapEntries(usize),
     /// Guest memory refused a write.
-    #[error("cannot write boot structures to guest memory: {0}")]
+    #[error("cannot write boot structures to guest memory")]
     Write(#[from] GuestMemoryError),
 }
 

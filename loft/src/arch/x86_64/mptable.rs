@@ -37,7 +37,7 @@ pub enum MptableError {
     #[error("{0} vCPUs: the MP table describes at most {MAX_CPUS}")]
     TooManyCpus(u32),
     /// Guest memory refused the write.
-    #[error("cannot write the MP table to guest memory: {0}")]
+    #[error("cannot write the MP table to guest memory")]
     Write(#[from] GuestMemoryError),
 }
 

@@ -12,10 +12,10 @@ use super::layout;
 #[derive(Debug, thiserror::Error)]
 pub enum RegsError {
     /// Guest memory refused a write.
-    #[error("cannot write the GDT or page tables to guest memory: {0}")]
+    #[error("cannot write the GDT or page tables to guest memory")]
     Write(#[from] GuestMemoryError),
     /// A KVM ioctl failed.
-    #[error("cannot set vCPU {what}: {source}")]
+    #[error("cannot set vCPU {what}")]
     Kvm {
         /// The state being set.
         what: &'static str,
