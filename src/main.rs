@@ -55,7 +55,7 @@ struct RunArgs {
     #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
     net: Vec<NetConfig>,
     /// A virtio-vsock device; host connections go through the Unix socket PATH (Firecracker's
-    /// convention: connect, write "CONNECT <port>")
+    /// convention: connect, write "CONNECT PORT")
     #[arg(long, value_name = "cid=N,uds=PATH")]
     vsock: Option<VsockConfig>,
     /// At exit, print one line to stderr with the wall and CPU milliseconds (since loft started)
