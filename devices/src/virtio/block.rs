@@ -6,6 +6,12 @@
 //! byte in the last descriptor. A chain that breaks these rules, points outside guest memory or
 //! outside the disk gets VIRTIO_BLK_S_IOERR; a chain without a writable status byte is returned
 //! with a used length of 0.
+//!
+//! Snapshots: [`Block::save`] keeps the image's path, read-only flag, capacity and serial as a
+//! [`BlockState`]; [`Block::restore`] opens an image (the same one, or a copy elsewhere) and
+//! shows the guest the same disk. Requests are handled whole within one event, so there is no
+//! request in flight between events; [`Block::sync`] makes the writes durable before a
+//! snapshot.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -14,6 +20,7 @@ use std::path::{Path, PathBuf};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use log::{debug, warn};
+use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_blk::{
     virtio_blk_config, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
@@ -26,7 +33,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::chain::{check_buffer, check_range, Chain};
-use super::{DeviceBase, VirtioDevice};
+use super::{DeviceBase, VirtioDevice, VirtioDeviceState};
 
 /// Size of the request queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -62,6 +69,40 @@ pub enum BlockError {
     /// The virtio plumbing (eventfds) could not be set up.
     #[error("virtio-blk setup: {0}")]
     Virtio(#[from] super::Error),
+    /// The image to restore is smaller than the disk the snapshot was taken with.
+    #[error(
+        "disk image {path} has {found} sectors, fewer than the {saved} of the snapshot: \
+         a disk cannot shrink under a restored guest"
+    )]
+    Shrunk {
+        /// Path of the image.
+        path: PathBuf,
+        /// Capacity in the snapshot, in sectors.
+        saved: u64,
+        /// Capacity of the image, in sectors.
+        found: u64,
+    },
+    /// The serial in the state is longer than virtio-blk's 20 bytes.
+    #[error("disk serial of {0} bytes in the state is longer than 20 bytes")]
+    SerialTooLong(usize),
+}
+
+/// The saved state of a block device: what the guest was shown of the disk.
+///
+/// Nothing is in flight between events (each request is read, done and returned within one
+/// event), so there is no request to save; the image itself is not part of the state, and must
+/// match the guest memory (call [`Block::sync`], or save through
+/// [`super::MmioTransport::save_device`], which does).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockState {
+    /// Path of the image when saved (the restored device may use another).
+    pub path: PathBuf,
+    /// The disk is read-only.
+    pub read_only: bool,
+    /// Capacity in 512-byte sectors, as the guest knows it.
+    pub capacity: u64,
+    /// The serial returned by GET_ID (at most 20 bytes; shorter ones are NUL-padded).
+    pub serial: String,
 }
 
 /// What went wrong with a request, reported to the driver as its status.
@@ -270,16 +311,20 @@ impl Disk {
 /// A virtio-blk device over a raw image file.
 pub struct Block {
     disk: Disk,
+    path: PathBuf,
     base: DeviceBase,
 }
 
-impl Block {
+/// An opened image: the file, its size in bytes and its metadata.
+struct Image {
+    file: File,
+    len: u64,
+    meta: std::fs::Metadata,
+}
+
+impl Image {
     /// Opens the raw image at `path` (read-write unless `read_only`).
-    ///
-    /// The capacity is the file size in whole 512-byte sectors; a trailing partial sector is
-    /// not visible to the guest.
-    pub fn new(path: impl AsRef<Path>, read_only: bool) -> Result<Self, BlockError> {
-        let path = path.as_ref();
+    fn open(path: &Path, read_only: bool) -> Result<Self, BlockError> {
         let mut file = OpenOptions::new()
             .read(true)
             .write(!read_only)
@@ -303,6 +348,18 @@ impl Block {
         }
         // Seeking works for regular files and block devices alike.
         let len = file.seek(SeekFrom::End(0)).map_err(size_err)?;
+        Ok(Self { file, len, meta })
+    }
+}
+
+impl Block {
+    /// Opens the raw image at `path` (read-write unless `read_only`).
+    ///
+    /// The capacity is the file size in whole 512-byte sectors; a trailing partial sector is
+    /// not visible to the guest.
+    pub fn new(path: impl AsRef<Path>, read_only: bool) -> Result<Self, BlockError> {
+        let path = path.as_ref();
+        let Image { file, len, meta } = Image::open(path, read_only)?;
         if len % SECTOR_SIZE != 0 {
             warn!(
                 "virtio-blk: {} is not a whole number of sectors; the last {} bytes are not visible",
@@ -320,7 +377,51 @@ impl Block {
         );
         let mut id = [0u8; ID_BYTES];
         id.copy_from_slice(&serial.as_bytes()[..ID_BYTES]);
+        Self::build(path, file, read_only, size, id)
+    }
 
+    /// A device over the image at `path` (the snapshot's or another) that shows the guest the
+    /// disk saved in `state`: same capacity, serial and read-only flag.
+    ///
+    /// An image smaller than the saved capacity is an error; a larger one is served at the
+    /// saved capacity (the guest would not notice a resize without a config interrupt).
+    pub fn restore(path: impl AsRef<Path>, state: &BlockState) -> Result<Self, BlockError> {
+        let path = path.as_ref();
+        let serial = state.serial.as_bytes();
+        if serial.len() > ID_BYTES {
+            return Err(BlockError::SerialTooLong(serial.len()));
+        }
+        let mut id = [0u8; ID_BYTES];
+        id[..serial.len()].copy_from_slice(serial);
+        let Image { file, len, .. } = Image::open(path, state.read_only)?;
+        let size = match state.capacity.checked_mul(SECTOR_SIZE) {
+            Some(size) if size <= len => size,
+            _ => {
+                return Err(BlockError::Shrunk {
+                    path: path.to_owned(),
+                    saved: state.capacity,
+                    found: len / SECTOR_SIZE,
+                })
+            }
+        };
+        if len / SECTOR_SIZE > state.capacity {
+            warn!(
+                "virtio-blk: {} is larger than the snapshot's disk; the guest keeps seeing {} sectors",
+                path.display(),
+                state.capacity
+            );
+        }
+        Self::build(path, file, state.read_only, size, id)
+    }
+
+    /// The device over an opened image of `size` bytes (whole sectors).
+    fn build(
+        path: &Path,
+        file: File,
+        read_only: bool,
+        size: u64,
+        id: [u8; ID_BYTES],
+    ) -> Result<Self, BlockError> {
         let mut features =
             (1u64 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_BLK_F_FLUSH) | (1 << VIRTIO_BLK_F_SEG_MAX);
         if read_only {
@@ -340,8 +441,45 @@ impl Block {
                 id,
                 bounce: vec![0; CHUNK],
             },
+            path: path.to_owned(),
             base: DeviceBase::new(VIRTIO_ID_BLOCK, features, config, vec![QUEUE_SIZE])?,
         })
+    }
+
+    /// What the guest was shown of the disk, for a snapshot.
+    pub fn save(&self) -> BlockState {
+        let len = self
+            .disk
+            .id
+            .iter()
+            .rposition(|&b| b != 0)
+            .map_or(0, |i| i + 1);
+        let serial = &self.disk.id[..len];
+        BlockState {
+            path: self.path.clone(),
+            read_only: self.disk.read_only,
+            capacity: self.capacity(),
+            serial: String::from_utf8_lossy(serial).into_owned(),
+        }
+    }
+
+    /// Makes the guest's writes durable (`fdatasync` of the image), so that a snapshot's disk
+    /// matches its memory. Nothing to do for a read-only disk.
+    pub fn sync(&self) -> io::Result<()> {
+        if self.disk.read_only {
+            return Ok(());
+        }
+        self.disk.file.sync_data()
+    }
+
+    /// Path of the image.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// True when the guest cannot write to the disk.
+    pub fn read_only(&self) -> bool {
+        self.disk.read_only
     }
 
     /// Capacity in 512-byte sectors.
@@ -417,6 +555,14 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         self.base.active = None;
+    }
+
+    fn state(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Block(self.save())
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        Block::sync(self)
     }
 }
 

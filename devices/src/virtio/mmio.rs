@@ -2,10 +2,14 @@
 //!
 //! Registers are 32-bit: any other access size reads as 0 and is ignored on write. The device
 //! config space starts at 0x100 and takes 1, 2, 4 or 8-byte accesses within its bounds.
+//!
+//! For snapshots the transport saves its registers, the positions of the live queues and the
+//! interrupt state as an [`MmioState`], and is rebuilt from one by [`MmioTransport::restore`].
 
 use std::sync::{Arc, Mutex};
 
 use log::{debug, warn};
+use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
@@ -16,7 +20,7 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::chain::check_range;
-use super::{Error, Interrupt, VirtioDevice};
+use super::{Error, Interrupt, VirtioDevice, VirtioDeviceState, INT_CONFIG, INT_USED_RING};
 use crate::bus::{lock, BusDevice};
 
 /// "virt" in little-endian.
@@ -75,6 +79,32 @@ struct QueueRegs {
 }
 
 impl QueueRegs {
+    /// The registers as saved, with the positions of the live queue (0 when there is none).
+    fn save(&self, live: Option<&Queue>) -> QueueState {
+        QueueState {
+            max_size: self.max_size,
+            size: self.size,
+            ready: self.ready,
+            desc: self.desc,
+            driver: self.driver,
+            device: self.device,
+            next_avail: live.map_or(0, |q| q.next_avail()),
+            next_used: live.map_or(0, |q| q.next_used()),
+        }
+    }
+
+    /// Registers as the driver left them in `state` (its maximum size checked by the caller).
+    fn restored(state: &QueueState) -> Self {
+        Self {
+            max_size: state.max_size,
+            size: state.size,
+            ready: state.ready,
+            desc: state.desc,
+            driver: state.driver,
+            device: state.device,
+        }
+    }
+
     fn new(max_size: u16) -> Self {
         Self {
             max_size,
@@ -123,6 +153,60 @@ impl QueueRegs {
     }
 }
 
+/// The saved registers of one queue, and where the device was in its rings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueState {
+    /// QueueNumMax: the device's maximum size (must match the restored device's).
+    pub max_size: u16,
+    /// QueueNum as the driver wrote it (checked only when the device is active).
+    pub size: u32,
+    /// QueueReady.
+    pub ready: bool,
+    /// Guest address of the descriptor table.
+    pub desc: u64,
+    /// Guest address of the available (driver) ring.
+    pub driver: u64,
+    /// Guest address of the used (device) ring.
+    pub device: u64,
+    /// Next available-ring entry the device will take: requests before it were handled and
+    /// must not be handled again. 0 when the device is not active.
+    pub next_avail: u16,
+    /// Next used-ring entry the device will fill. 0 when the device is not active.
+    pub next_used: u16,
+}
+
+/// The saved state of a virtio-mmio transport: the registers the driver wrote, the queues (with
+/// the device's positions in them when it is active) and the interrupt state.
+///
+/// What the device itself was built from is saved apart, as a [`VirtioDeviceState`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmioState {
+    /// Virtio device ID of the device (must match the restored device's).
+    pub device_type: u32,
+    /// DeviceFeaturesSel.
+    pub device_features_sel: u32,
+    /// DriverFeaturesSel.
+    pub driver_features_sel: u32,
+    /// The features the driver accepted (all must be offered by the restored device).
+    pub driver_features: u64,
+    /// The driver wrote a 1 in a feature word past the second (FEATURES_OK then fails).
+    pub driver_features_high: bool,
+    /// QueueSel.
+    pub queue_sel: u32,
+    /// Device status as written by the driver, without NEEDS_RESET (see `needs_reset`).
+    pub status: u32,
+    /// Every queue of the device, in order.
+    pub queues: Vec<QueueState>,
+    /// InterruptStatus: bits not yet acknowledged by the driver.
+    pub interrupt_status: u32,
+    /// The device failed and waits for the driver to reset it (status bit NEEDS_RESET).
+    pub needs_reset: bool,
+    /// ConfigGeneration.
+    pub config_generation: u32,
+    /// The device was active: DRIVER_OK accepted and the queues in use.
+    pub activated: bool,
+}
+
 fn set_low(v: &mut u64, low: u32) {
     *v = (*v & !0xffff_ffff) | u64::from(low);
 }
@@ -147,6 +231,7 @@ pub struct MmioTransport {
     queues: Vec<QueueRegs>,
     queue_sel: u32,
     status: u32,
+    config_generation: u32,
     active: bool,
     activation_failures: u32,
 }
@@ -191,9 +276,179 @@ impl MmioTransport {
             queues,
             queue_sel: 0,
             status: 0,
+            config_generation: 0,
             active: false,
             activation_failures: 0,
         })
+    }
+
+    /// Saves the registers, the queues and the interrupt state.
+    ///
+    /// Call it from the event-loop thread between events, with the vCPUs paused, so that no
+    /// queue work is under way. A device that failed since its activation (NEEDS_RESET) is
+    /// saved as not active: its queues are gone until the driver resets it.
+    pub fn save(&self) -> MmioState {
+        let device = lock(&self.device);
+        let live = device.base().active.as_ref().filter(|_| self.active);
+        let queues = self
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, regs)| regs.save(live.and_then(|a| a.queues.get(i))))
+            .collect();
+        MmioState {
+            device_type: self.device_type,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            driver_features_high: self.driver_features_high,
+            queue_sel: self.queue_sel,
+            status: self.status,
+            queues,
+            interrupt_status: self.interrupt.status(),
+            needs_reset: self.interrupt.needs_reset(),
+            config_generation: self.config_generation,
+            activated: live.is_some(),
+        }
+    }
+
+    /// Flushes the device's backend (see [`VirtioDevice::sync`]), then saves what the device
+    /// was built from. Call it with [`MmioTransport::save`], under the same conditions.
+    pub fn save_device(&self) -> Result<VirtioDeviceState, Error> {
+        let mut device = lock(&self.device);
+        device.sync().map_err(Error::Sync)?;
+        Ok(device.state())
+    }
+
+    /// A transport for `device`, freshly built and never activated, restored from `state`.
+    ///
+    /// The state is checked as the driver's writes would have been: the device type, queue
+    /// count and maximum sizes must be the device's, the status bits must have been set in
+    /// order (DRIVER_OK only after FEATURES_OK, ...), the accepted features must be offered
+    /// ones with VERSION_1. When the state is active, each queue is built and checked as
+    /// DRIVER_OK does (size a power of two within the maximum, rings aligned and inside `mem`,
+    /// ready), set to its saved positions and handed to the device, and every queue's
+    /// notification `EventFd` is written so that requests the guest made before the snapshot
+    /// are looked at. A pending interrupt is raised again.
+    ///
+    /// `mem` must hold the snapshot's guest memory.
+    pub fn restore(
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        mem: GuestMemoryMmap<()>,
+        state: &MmioState,
+    ) -> Result<Self, Error> {
+        let mut t = Self::new(device, mem)?;
+        if lock(&t.device).base().active.is_some() {
+            return Err(Error::InvalidState(
+                "the device to restore into is already active",
+            ));
+        }
+        t.check_state(state)?;
+        t.device_features_sel = state.device_features_sel;
+        t.driver_features_sel = state.driver_features_sel;
+        t.driver_features = state.driver_features;
+        t.driver_features_high = state.driver_features_high;
+        t.queue_sel = state.queue_sel;
+        t.status = state.status;
+        t.config_generation = state.config_generation;
+        t.queues = state.queues.iter().map(QueueRegs::restored).collect();
+        if state.activated {
+            let queues = t
+                .queues
+                .iter()
+                .zip(&state.queues)
+                .enumerate()
+                .map(|(index, (regs, saved))| {
+                    let mut q = regs
+                        .build(&t.mem)
+                        .map_err(|reason| Error::InvalidQueue { index, reason })?;
+                    q.set_next_avail(saved.next_avail);
+                    q.set_next_used(saved.next_used);
+                    Ok(q)
+                })
+                .collect::<Result<Vec<_>, Error>>()?;
+            lock(&t.device).activate(t.mem.clone(), queues, t.driver_features)?;
+            t.active = true;
+        }
+        t.interrupt
+            .restore(state.interrupt_status, state.needs_reset);
+        if t.active {
+            // Notifications sent before the snapshot were not saved: look at every queue.
+            for evt in &t.queue_evts {
+                if let Err(e) = evt.write(1) {
+                    warn!("virtio-mmio: cannot signal a restored queue: {e}");
+                }
+            }
+        }
+        Ok(t)
+    }
+
+    /// Checks that `state` is one this transport's device could have been in.
+    fn check_state(&self, state: &MmioState) -> Result<(), Error> {
+        if state.device_type != self.device_type {
+            return Err(Error::DeviceType {
+                saved: state.device_type,
+                device: self.device_type,
+            });
+        }
+        if state.queues.len() != self.queues.len() {
+            return Err(Error::QueueCount {
+                expected: self.queues.len(),
+                got: state.queues.len(),
+            });
+        }
+        for (index, (saved, regs)) in state.queues.iter().zip(&self.queues).enumerate() {
+            if saved.max_size != regs.max_size {
+                return Err(Error::QueueMaxSize {
+                    index,
+                    saved: saved.max_size,
+                    device: regs.max_size,
+                });
+            }
+        }
+        let unoffered = state.driver_features & !self.device_features;
+        if unoffered != 0 {
+            return Err(Error::UnofferedFeatures(unoffered));
+        }
+        let status = state.status;
+        let known = S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK | S_FAILED;
+        if status & !known != 0 {
+            return Err(Error::InvalidState("unknown device status bits"));
+        }
+        let requires = [
+            (S_DRIVER, S_ACK, "DRIVER without ACKNOWLEDGE"),
+            (S_FEATURES_OK, S_DRIVER, "FEATURES_OK without DRIVER"),
+            (S_DRIVER_OK, S_FEATURES_OK, "DRIVER_OK without FEATURES_OK"),
+        ];
+        for (bit, needed, what) in requires {
+            if status & bit != 0 && status & needed == 0 {
+                return Err(Error::InvalidState(what));
+            }
+        }
+        if status & S_FEATURES_OK != 0 {
+            if state.driver_features_high {
+                return Err(Error::InvalidState("FEATURES_OK with features past bit 63"));
+            }
+            if state.driver_features & (1 << VIRTIO_F_VERSION_1) == 0 {
+                return Err(Error::MissingFeature(VIRTIO_F_VERSION_1));
+            }
+        }
+        if state.interrupt_status & !(INT_USED_RING | INT_CONFIG) != 0 {
+            return Err(Error::InvalidState("unknown interrupt status bits"));
+        }
+        if state.activated {
+            if status & S_DRIVER_OK == 0 {
+                return Err(Error::InvalidState("active without DRIVER_OK"));
+            }
+            if state.needs_reset {
+                return Err(Error::InvalidState("active while needing a reset"));
+            }
+        } else if status & S_DRIVER_OK != 0 && !state.needs_reset {
+            return Err(Error::InvalidState(
+                "DRIVER_OK on an inactive device that does not need a reset",
+            ));
+        }
+        Ok(())
     }
 
     /// The device status register, NEEDS_RESET included.
@@ -243,7 +498,7 @@ impl MmioTransport {
             REG_STATUS => self.status(),
             // No shared memory regions: their length reads as -1.
             REG_SHM_LEN_LOW | REG_SHM_LEN_HIGH | REG_SHM_BASE_LOW | REG_SHM_BASE_HIGH => u32::MAX,
-            REG_CONFIG_GENERATION => 0,
+            REG_CONFIG_GENERATION => self.config_generation,
             _ => {
                 debug!("virtio-mmio: read of write-only or unknown register {offset:#x}");
                 0
@@ -530,7 +785,7 @@ mod tests {
         }
         fn activate(
             &mut self,
-            _mem: GuestMemoryMmap<()>,
+            mem: GuestMemoryMmap<()>,
             queues: Vec<Queue>,
             features: u64,
         ) -> Result<(), Error> {
@@ -538,11 +793,18 @@ mod tests {
                 return Err(Error::MissingFeature(0));
             }
             self.activated = Some((queues.len(), features));
-            Ok(())
+            self.base.activate(mem, queues, features)
         }
         fn reset(&mut self) {
             self.activated = None;
+            self.base.active = None;
             self.resets += 1;
+        }
+        fn state(&self) -> VirtioDeviceState {
+            VirtioDeviceState::Vsock(crate::virtio::vsock::VsockState {
+                guest_cid: 3,
+                uds_path: "dummy".into(),
+            })
         }
     }
 
@@ -961,5 +1223,366 @@ mod tests {
         drive(&mut r.t, &[&q0, &q1]);
         assert_eq!(r.r(REG_STATUS), 0xf);
         assert!(r.t.is_active());
+    }
+
+    /// A transport over a fresh [`Dummy`] restored from `state`.
+    fn restored(state: &MmioState) -> Result<Rig, Error> {
+        let m = mem();
+        let dev = Arc::new(Mutex::new(Dummy::new()));
+        let t = MmioTransport::restore(dev.clone(), m.clone(), state)?;
+        Ok(Rig { dev, t, m })
+    }
+
+    /// Through JSON and back, as a state file would take it.
+    fn json_round_trip(state: &MmioState) -> MmioState {
+        let json = serde_json::to_string(state).unwrap();
+        let back: MmioState = serde_json::from_str(&json).unwrap();
+        assert_eq!(&back, state);
+        back
+    }
+
+    fn queue_evts(r: &Rig) -> Vec<EventFd> {
+        let d = r.dev.lock().unwrap();
+        d.base
+            .queue_evts
+            .iter()
+            .map(|e| e.try_clone().unwrap())
+            .collect()
+    }
+
+    /// The state of an activated [`Rig`] whose queues are at positions 5/4 and 3/3.
+    fn active_state() -> MmioState {
+        let mut r = Rig::new();
+        r.activate_with(|_| {});
+        {
+            let mut d = r.dev.lock().unwrap();
+            let q = &mut d.base.active.as_mut().unwrap().queues;
+            q[0].set_next_avail(5);
+            q[0].set_next_used(4);
+            q[1].set_next_avail(3);
+            q[1].set_next_used(3);
+        }
+        r.t.save()
+    }
+
+    #[test]
+    fn save_restore_inactive_transport() {
+        let mut r = Rig::new();
+        r.w(REG_STATUS, 1);
+        r.w(REG_STATUS, 3);
+        r.w(REG_DRIVER_FEATURES_SEL, 1);
+        r.w(REG_DRIVER_FEATURES, 1);
+        r.w(REG_DEVICE_FEATURES_SEL, 1);
+        r.w(REG_QUEUE_SEL, 1);
+        r.w(REG_QUEUE_NUM, 4);
+        r.w(REG_QUEUE_DESC_LOW, 0x3000);
+        r.w(REG_QUEUE_READY, 1);
+        let state = r.t.save();
+        assert!(!state.activated);
+        assert_eq!(state.status, 3);
+        assert_eq!(state.driver_features, 1 << 32);
+        assert_eq!(state.queues[1].size, 4);
+        assert_eq!(state.queues[1].desc, 0x3000);
+        assert_eq!(
+            (state.queues[1].next_avail, state.queues[1].next_used),
+            (0, 0)
+        );
+
+        let mut back = restored(&json_round_trip(&state)).unwrap();
+        assert_eq!(back.t.save(), state);
+        assert!(!back.t.is_active());
+        assert_eq!(back.activated(), None);
+        assert_eq!(back.r(REG_STATUS), 3);
+        assert_eq!(back.r(REG_DEVICE_FEATURES), (FEATURES >> 32) as u32);
+        assert_eq!(back.r(REG_QUEUE_READY), 1);
+        assert_eq!(back.t.interrupt.eventfd().read().ok(), None, "no interrupt");
+        for evt in queue_evts(&back) {
+            assert!(evt.read().is_err(), "an inactive device is not kicked");
+        }
+        // The driver goes on where it was.
+        let m = back.m.clone();
+        let q0 = TestQueue::new(&m, 8);
+        let q1 = TestQueue::at(&m, 0x1000, 8);
+        setup_queue(&mut back.t, 0, &q0);
+        setup_queue(&mut back.t, 1, &q1);
+        back.w(REG_STATUS, 0xb);
+        back.w(REG_STATUS, 0xf);
+        assert_eq!(back.activated(), Some((2, 1 << VIRTIO_F_VERSION_1)));
+    }
+
+    #[test]
+    fn save_restore_active_transport_keeps_queue_positions() {
+        let state = active_state();
+        assert!(state.activated);
+        assert_eq!(state.status, 0xf);
+        assert_eq!(state.driver_features, FEATURES);
+        let positions: Vec<_> = state
+            .queues
+            .iter()
+            .map(|q| (q.next_avail, q.next_used))
+            .collect();
+        assert_eq!(positions, [(5, 4), (3, 3)]);
+
+        let mut r = restored(&json_round_trip(&state)).unwrap();
+        assert!(r.t.is_active());
+        assert_eq!(r.activated(), Some((2, FEATURES)));
+        assert_eq!(r.r(REG_STATUS), 0xf);
+        {
+            let d = r.dev.lock().unwrap();
+            let q = &d.base.active.as_ref().unwrap().queues;
+            assert_eq!((q[0].next_avail(), q[0].next_used()), (5, 4));
+            assert_eq!((q[1].next_avail(), q[1].next_used()), (3, 3));
+            assert_eq!(q[1].desc_table(), state.queues[1].desc);
+        }
+        assert_eq!(r.t.save(), state);
+        // Notifications the snapshot did not keep: every queue is looked at.
+        for evt in queue_evts(&r) {
+            assert_eq!(evt.read().unwrap(), 1);
+        }
+        // No guest write was needed, and queue registers stay frozen.
+        r.w(REG_QUEUE_SEL, 0);
+        r.w(REG_QUEUE_NUM, 2);
+        assert_eq!(r.t.save().queues[0].size, 8);
+        // A reset still works.
+        r.w(REG_STATUS, 0);
+        assert_eq!(r.activated(), None);
+        assert!(!r.t.is_active());
+    }
+
+    #[test]
+    fn pending_interrupt_is_signalled_again() {
+        let mut r = Rig::new();
+        r.activate_with(|_| {});
+        r.t.interrupt.signal_used();
+        let state = r.t.save();
+        assert_eq!(state.interrupt_status, INT_USED_RING);
+        let mut back = restored(&state).unwrap();
+        assert_eq!(back.r(REG_INTERRUPT_STATUS), INT_USED_RING);
+        assert_eq!(back.t.interrupt.eventfd().read().unwrap(), 1);
+        back.w(REG_INTERRUPT_ACK, INT_USED_RING);
+        assert_eq!(back.r(REG_INTERRUPT_STATUS), 0);
+
+        // Nothing pending: nothing signalled.
+        let mut r = Rig::new();
+        r.activate_with(|_| {});
+        let back = restored(&r.t.save()).unwrap();
+        assert!(back.t.interrupt.eventfd().read().is_err());
+    }
+
+    #[test]
+    fn needs_reset_is_restored() {
+        let mut r = Rig::new();
+        r.activate_with(|r| r.w(REG_QUEUE_NUM, 5));
+        r.assert_needs_reset();
+        let state = r.t.save();
+        assert!(state.needs_reset);
+        assert!(!state.activated);
+        assert_eq!(state.interrupt_status, INT_CONFIG);
+        let mut back = restored(&json_round_trip(&state)).unwrap();
+        back.assert_needs_reset();
+        assert_eq!(back.r(REG_STATUS), 0xf | S_NEEDS_RESET);
+        // The driver resets and starts over.
+        back.w(REG_STATUS, 0);
+        back.activate_with(|_| {});
+        assert_eq!(back.activated(), Some((2, FEATURES)));
+    }
+
+    #[test]
+    fn device_failed_after_activation_is_saved_inactive() {
+        let mut r = Rig::new();
+        r.activate_with(|_| {});
+        r.dev.lock().unwrap().base.fail();
+        let state = r.t.save();
+        assert!(!state.activated);
+        assert!(state.needs_reset);
+        let mut back = restored(&state).unwrap();
+        assert!(!back.t.is_active());
+        assert_eq!(back.r(REG_STATUS), 0xf | S_NEEDS_RESET);
+    }
+
+    /// Restoring `state` fails, with an error `check` accepts, and activates nothing.
+    fn assert_refused(state: &MmioState, check: impl Fn(&Error) -> bool) {
+        let m = mem();
+        let dev = Arc::new(Mutex::new(Dummy::new()));
+        match MmioTransport::restore(dev.clone(), m, state) {
+            Ok(_) => panic!("state accepted: {state:?}"),
+            Err(e) => assert!(check(&e), "unexpected error: {e}"),
+        }
+        let d = dev.lock().unwrap();
+        assert_eq!(d.activated, None);
+        assert!(d.base.active.is_none());
+        assert_eq!(d.base.interrupt.status(), 0);
+    }
+
+    fn assert_bad_queue(tweak: impl Fn(&mut QueueState)) {
+        let mut state = active_state();
+        tweak(&mut state.queues[1]);
+        assert_refused(&state, |e| {
+            matches!(e, Error::InvalidQueue { index: 1, .. })
+        });
+    }
+
+    #[test]
+    fn hostile_queue_states_are_refused() {
+        let end = crate::virtio::testing::MEM_SIZE;
+        for size in [0, 3, 6, 16, 0x1_0008, u32::MAX] {
+            assert_bad_queue(|q| q.size = size);
+        }
+        assert_bad_queue(|q| q.ready = false);
+        assert_bad_queue(|q| q.driver = 0);
+        for addr in [
+            end,
+            end - 16,
+            0x10_0000_0000,
+            u64::MAX - 15,
+            0xffff_ffff_0000_0000,
+        ] {
+            assert_bad_queue(|q| q.desc = addr);
+            assert_bad_queue(|q| q.driver = addr);
+            assert_bad_queue(|q| q.device = addr & !3);
+        }
+        assert_bad_queue(|q| q.desc = 0x3008);
+        assert_bad_queue(|q| q.driver = 0x3001);
+        assert_bad_queue(|q| q.device = 0x3002);
+    }
+
+    #[test]
+    fn hostile_queue_counts_and_sizes_are_refused() {
+        let mut state = active_state();
+        state.queues.push(state.queues[0].clone());
+        assert_refused(&state, |e| {
+            matches!(
+                e,
+                Error::QueueCount {
+                    expected: 2,
+                    got: 3
+                }
+            )
+        });
+        let mut state = active_state();
+        state.queues.pop();
+        assert_refused(&state, |e| {
+            matches!(
+                e,
+                Error::QueueCount {
+                    expected: 2,
+                    got: 1
+                }
+            )
+        });
+        let mut state = active_state();
+        state.queues.clear();
+        state.activated = false;
+        state.status = 0;
+        assert_refused(&state, |e| matches!(e, Error::QueueCount { .. }));
+        let mut state = active_state();
+        state.queues[0].max_size = 256;
+        state.queues[0].size = 256;
+        assert_refused(&state, |e| {
+            matches!(
+                e,
+                Error::QueueMaxSize {
+                    index: 0,
+                    saved: 256,
+                    device: 8
+                }
+            )
+        });
+    }
+
+    #[test]
+    fn hostile_status_and_features_are_refused() {
+        let invalid = |e: &Error| matches!(e, Error::InvalidState(_));
+        let mut state = active_state();
+        state.device_type = 2;
+        assert_refused(&state, |e| {
+            matches!(
+                e,
+                Error::DeviceType {
+                    saved: 2,
+                    device: 42
+                }
+            )
+        });
+        // Features the device never offered, before or after FEATURES_OK.
+        let mut state = active_state();
+        state.driver_features |= 1;
+        assert_refused(&state, |e| matches!(e, Error::UnofferedFeatures(1)));
+        let mut state = active_state();
+        state.driver_features = u64::MAX;
+        state.activated = false;
+        state.status = 3;
+        assert_refused(&state, |e| matches!(e, Error::UnofferedFeatures(_)));
+        let mut state = active_state();
+        state.driver_features_high = true;
+        assert_refused(&state, invalid);
+        let mut state = active_state();
+        state.driver_features = 1 << 5;
+        assert_refused(&state, |e| {
+            matches!(e, Error::MissingFeature(VIRTIO_F_VERSION_1))
+        });
+        // Status bits out of order, unknown or the device's own.
+        for status in [
+            0x7,
+            0x5,
+            0x2,
+            0x4 | 0x1,
+            0x10 | 0xf,
+            0x20 | 0xf,
+            S_NEEDS_RESET | 0xf,
+        ] {
+            let mut state = active_state();
+            state.status = status;
+            assert_refused(&state, invalid);
+        }
+        // FAILED after DRIVER_OK is a state the driver can reach.
+        let mut state = active_state();
+        state.status |= S_FAILED;
+        assert!(restored(&state).unwrap().t.is_active());
+        let mut state = active_state();
+        state.status = 0xb;
+        assert_refused(&state, |e| {
+            matches!(e, Error::InvalidState("active without DRIVER_OK"))
+        });
+        let mut state = active_state();
+        state.needs_reset = true;
+        assert_refused(&state, invalid);
+        let mut state = active_state();
+        state.activated = false;
+        assert_refused(&state, invalid);
+        let mut state = active_state();
+        state.interrupt_status = 4;
+        assert_refused(&state, invalid);
+    }
+
+    #[test]
+    fn a_device_already_active_is_not_restored_into() {
+        let state = active_state();
+        let m = mem();
+        let dev = Arc::new(Mutex::new(Dummy::new()));
+        let q0 = TestQueue::new(&m, 8);
+        let q1 = TestQueue::at(&m, 0x1000, 8);
+        dev.lock()
+            .unwrap()
+            .activate(m.clone(), vec![q0.queue(), q1.queue()], FEATURES)
+            .unwrap();
+        let err = MmioTransport::restore(dev, m.clone(), &state)
+            .err()
+            .unwrap();
+        assert!(matches!(err, Error::InvalidState(_)), "{err}");
+    }
+
+    #[test]
+    fn restore_errors_read_well() {
+        let mut state = active_state();
+        state.queues[1].size = 3;
+        let m = mem();
+        let err = MmioTransport::restore(Arc::new(Mutex::new(Dummy::new())), m, &state)
+            .err()
+            .unwrap();
+        assert_eq!(
+            err.to_string(),
+            "virtio queue 1 is invalid: size is 0, not a power of two, or larger than the maximum"
+        );
     }
 }

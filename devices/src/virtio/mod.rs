@@ -29,6 +29,22 @@
 //! with a used length of 0), and a broken queue setup puts the device in NEEDS_RESET with a
 //! configuration-change interrupt. Nothing the guest writes panics the VMM or reaches memory
 //! outside the guest's.
+//!
+//! # Snapshots
+//!
+//! A device is saved in two parts: the transport's registers and queue positions
+//! ([`MmioTransport::save`], an [`MmioState`]) and what the device itself was built from
+//! ([`MmioTransport::save_device`], a [`VirtioDeviceState`]). Save from the event-loop thread,
+//! between events, with the vCPUs paused: all queue work runs there synchronously, so no request
+//! is half done. [`MmioTransport::save_device`] flushes the device's backend first (the block
+//! device `fdatasync`s its image), so the disk files match the memory image.
+//!
+//! To restore, load the guest memory first, then build a fresh device from its state (for
+//! instance [`block::Block::restore`], possibly over a different image, TAP or socket path) and
+//! hand it with the [`MmioState`] to [`VirtioMmioDevice::restore`]. The result is wired like a
+//! new device. The state is untrusted input: restoring checks it as DRIVER_OK activation checks
+//! the driver's registers and returns an [`Error`] for anything the device could not have been
+//! in.
 
 pub mod block;
 pub mod chain;
@@ -46,6 +62,7 @@ use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use log::{debug, error};
+use serde::{Deserialize, Serialize};
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -53,7 +70,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 #[cfg(doc)]
 use crate::BusDevice;
 
-pub use mmio::MmioTransport;
+pub use mmio::{MmioState, MmioTransport, QueueState};
 
 /// Size of the MMIO window of one virtio-mmio device (registers and config space).
 pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
@@ -91,6 +108,33 @@ pub enum Error {
     /// A required feature was not negotiated.
     #[error("required feature bit {0} was not negotiated")]
     MissingFeature(u32),
+    /// A saved state belongs to another kind of device than the one it is restored into.
+    #[error("the state is of virtio device type {saved}, the device is of type {device}")]
+    DeviceType {
+        /// Device type in the state.
+        saved: u32,
+        /// Device type of the device.
+        device: u32,
+    },
+    /// A saved queue has another maximum size than the device's queue.
+    #[error("queue {index} has a maximum size of {device}, the state says {saved}")]
+    QueueMaxSize {
+        /// Index of the queue.
+        index: usize,
+        /// Maximum size in the state.
+        saved: u16,
+        /// Maximum size of the device's queue.
+        device: u16,
+    },
+    /// A saved state has the driver accept features the device does not offer.
+    #[error("the state accepts feature bits {0:#x} that the device does not offer")]
+    UnofferedFeatures(u64),
+    /// A saved state is one the device could not have been in.
+    #[error("invalid device state: {0}")]
+    InvalidState(&'static str),
+    /// The device's backend could not be flushed before saving.
+    #[error("cannot flush the device's backend")]
+    Sync(#[source] io::Error),
 }
 
 /// Interrupt state of one device, shared by the transport (vCPU side) and the device (event loop).
@@ -155,6 +199,17 @@ impl Interrupt {
         self.needs_reset.store(false, Ordering::SeqCst);
     }
 
+    /// Restores saved interrupt state, and raises the interrupt again if any status bit is set:
+    /// irqfd interrupts are edge-triggered, so a pending one would otherwise never reach the
+    /// guest.
+    pub(crate) fn restore(&self, status: u32, needs_reset: bool) {
+        self.needs_reset.store(needs_reset, Ordering::SeqCst);
+        self.status.store(0, Ordering::SeqCst);
+        if status != 0 {
+            self.raise(status);
+        }
+    }
+
     fn raise(&self, bit: u32) {
         self.status.fetch_or(bit, Ordering::SeqCst);
         if let Err(e) = self.evt.write(1) {
@@ -212,6 +267,15 @@ pub trait VirtioDevice: Send {
 
     /// The driver reset the device: drop the queues and the memory.
     fn reset(&mut self);
+
+    /// What the device was built from, for a snapshot (the transport saves the queues).
+    fn state(&self) -> VirtioDeviceState;
+
+    /// Makes what the guest wrote durable in the backend, before a snapshot. Nothing to do by
+    /// default.
+    fn sync(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 
     /// Interrupt state shared with the transport.
     fn interrupt(&self) -> &Arc<Interrupt> {
@@ -295,6 +359,18 @@ impl DeviceBase {
     }
 }
 
+/// The saved state of one virtio device, by kind: what it was built from. Queue positions and
+/// negotiated features are in the transport's [`MmioState`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VirtioDeviceState {
+    /// A block device.
+    Block(block::BlockState),
+    /// A network device.
+    Net(net::NetState),
+    /// A vsock device.
+    Vsock(vsock::VsockState),
+}
+
 /// Queues and memory of an activated device.
 #[derive(Debug)]
 pub(crate) struct Active {
@@ -347,6 +423,31 @@ impl VirtioMmioDevice {
     where
         D: VirtioDevice + MutEventSubscriber + 'static,
     {
+        Self::build(device, |device| MmioTransport::new(device, mem))
+    }
+
+    /// Puts a freshly built `device` behind a transport restored from `state` (see
+    /// [`MmioTransport::restore`]): when the saved device was active, its queues are rebuilt,
+    /// checked and handed to the device at their saved positions, with no register write from
+    /// the guest. Wire the result like a new device.
+    ///
+    /// `mem` must already hold the snapshot's guest memory. A state the device could not have
+    /// been in (queues outside `mem`, bad sizes, another queue count, unoffered features, ...)
+    /// is an error, and `device` is dropped.
+    pub fn restore<D>(device: D, mem: GuestMemoryMmap<()>, state: &MmioState) -> Result<Self, Error>
+    where
+        D: VirtioDevice + MutEventSubscriber + 'static,
+    {
+        Self::build(device, |device| MmioTransport::restore(device, mem, state))
+    }
+
+    fn build<D>(
+        device: D,
+        transport: impl FnOnce(Arc<Mutex<dyn VirtioDevice>>) -> Result<MmioTransport, Error>,
+    ) -> Result<Self, Error>
+    where
+        D: VirtioDevice + MutEventSubscriber + 'static,
+    {
         let queue_evts = device
             .queue_events()
             .iter()
@@ -359,7 +460,7 @@ impl VirtioMmioDevice {
             .try_clone()
             .map_err(Error::EventFd)?;
         let device = Arc::new(Mutex::new(device));
-        let transport = MmioTransport::new(device.clone(), mem)?;
+        let transport = transport(device.clone())?;
         Ok(Self {
             transport: Arc::new(Mutex::new(transport)),
             subscriber: device,

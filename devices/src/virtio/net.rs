@@ -13,6 +13,9 @@
 //! TX: each chain's device-readable buffers are gathered and written to the backend in one
 //! `write`. Frames longer than [`MAX_FRAME_LEN`] or chains with writable buffers are dropped;
 //! the chain is returned to the guest either way.
+//!
+//! Snapshots: [`Net::save`] keeps the TAP name and the MAC address as a [`NetState`];
+//! [`Net::restore`] opens a TAP (the same name or another) and shows the guest the same device.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -20,6 +23,7 @@ use std::os::unix::net::UnixDatagram;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use log::{debug, error, warn};
+use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP};
@@ -28,7 +32,7 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::chain::{check_buffer, Chain, ChainError};
 use super::tap::{Tap, TapError, VNET_HDR_LEN};
-use super::{DeviceBase, VirtioDevice};
+use super::{DeviceBase, VirtioDevice, VirtioDeviceState};
 
 /// Size of each queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -89,10 +93,26 @@ pub enum NetError {
     },
 }
 
+/// The saved state of a network device: what it was built with.
+///
+/// Frames in flight are not saved, as on a real network: a frame read from the TAP and waiting
+/// for a receive buffer is lost, and so are frames queued in the host's TAP. Transmission is
+/// synchronous (each frame is written to the backend within the event that took it), so no
+/// outgoing frame is held.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetState {
+    /// Name of the TAP interface when saved, if the backend was one (the restored device may
+    /// use another).
+    pub tap_name: Option<String>,
+    /// The MAC address given to the guest, if any.
+    pub mac: Option<[u8; 6]>,
+}
+
 /// A virtio-net device.
 pub struct Net {
     backend: Box<dyn NetBackend>,
     tap_name: Option<String>,
+    mac: Option<[u8; 6]>,
     base: DeviceBase,
     rx_buf: Vec<u8>,
     /// Length of a frame read from the backend and not yet delivered.
@@ -128,11 +148,34 @@ impl Net {
         Ok(Self {
             backend,
             tap_name: None,
+            mac,
             base: DeviceBase::new(VIRTIO_ID_NET, features, config, vec![QUEUE_SIZE; 2])?,
             rx_buf: vec![0; MAX_FRAME_LEN],
             rx_pending: None,
             tx_buf: vec![0; MAX_FRAME_LEN],
         })
+    }
+
+    /// A device over the TAP interface `tap_name` (the snapshot's or another) that shows the
+    /// guest the device saved in `state`.
+    pub fn restore(tap_name: &str, state: &NetState) -> Result<Self, NetError> {
+        Self::new(tap_name, state.mac)
+    }
+
+    /// A device over `backend` that shows the guest the device saved in `state`.
+    pub fn restore_with_backend(
+        backend: Box<dyn NetBackend>,
+        state: &NetState,
+    ) -> Result<Self, NetError> {
+        Self::with_backend(backend, state.mac)
+    }
+
+    /// What the device was built with, for a snapshot.
+    pub fn save(&self) -> NetState {
+        NetState {
+            tap_name: self.tap_name.clone(),
+            mac: self.mac,
+        }
     }
 
     /// Name of the TAP interface, when the backend is one.
@@ -366,6 +409,10 @@ impl VirtioDevice for Net {
     fn reset(&mut self) {
         self.base.active = None;
         self.rx_pending = None;
+    }
+
+    fn state(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Net(self.save())
     }
 }
 

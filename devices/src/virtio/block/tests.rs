@@ -1,7 +1,7 @@
 //! virtio-blk request handling, mostly against a hostile driver.
 
 use super::*;
-use crate::virtio::testing::{mem, DescSpec, TempImage, TestQueue, MEM_SIZE};
+use crate::virtio::testing::{mem, mmio_read, DescSpec, TempImage, TestQueue, MEM_SIZE};
 use virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT;
 use vm_memory::Bytes;
 
@@ -547,4 +547,383 @@ fn event_loop_runs_requests() {
     assert_eq!(tq.used(0), (0, 513));
     assert_eq!(tq.read(DATA, 512), &TempImage::pattern(SECTORS)[512..1024]);
     assert_eq!(dev.irq_evt.read().unwrap(), 1);
+}
+
+/// A copy of `img` at a new path (another place for the snapshot's disk).
+fn copy_image(img: &TempImage) -> TempImage {
+    let copy = TempImage::new(0);
+    std::fs::copy(&img.path, &copy.path).unwrap();
+    copy
+}
+
+#[test]
+fn save_restore_round_trip() {
+    let img = TempImage::new(SECTORS);
+    let blk = Block::new(&img.path, false).unwrap();
+    let state = blk.save();
+    assert_eq!(state.path, img.path);
+    assert!(!state.read_only);
+    assert_eq!(state.capacity, SECTORS);
+    assert_eq!(state.serial.as_bytes(), &blk.serial()[..]);
+    let json = serde_json::to_string(&state).unwrap();
+    let back: BlockState = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, state);
+
+    // Restored from a copy elsewhere: the guest sees the same disk.
+    let copy = copy_image(&img);
+    let r = Block::restore(&copy.path, &back).unwrap();
+    assert_eq!(r.path(), copy.path);
+    assert_eq!(r.capacity(), SECTORS);
+    assert_eq!(
+        r.serial(),
+        blk.serial(),
+        "serial kept, not the copy's inode"
+    );
+    assert_eq!(r.features(), blk.features());
+    assert_eq!(r.config(), blk.config());
+    assert_eq!(
+        r.save(),
+        BlockState {
+            path: copy.path.clone(),
+            ..state
+        }
+    );
+    let crate::virtio::VirtioDeviceState::Block(s) = r.state() else {
+        panic!("not a block state");
+    };
+    assert_eq!(s, r.save());
+}
+
+#[test]
+fn restore_keeps_read_only() {
+    let m = mem();
+    let img = TempImage::new(SECTORS);
+    let state = Block::new(&img.path, true).unwrap().save();
+    assert!(state.read_only);
+    let mut blk = Block::restore(&img.path, &state).unwrap();
+    assert!(blk.read_only());
+    assert_ne!(blk.features() & (1 << VIRTIO_BLK_F_RO), 0);
+    let tq = TestQueue::new(&m, 256);
+    blk.activate(m.clone(), vec![tq.queue()], FEATURES).unwrap();
+    tq.write(STATUS, &[UNANSWERED]);
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
+    tq.write(HDR, &h);
+    tq.add_chain(
+        0,
+        &[
+            DescSpec::r(HDR, 16),
+            DescSpec::r(DATA, 512),
+            DescSpec::w(STATUS, 1),
+        ],
+    );
+    blk.process_queue();
+    assert_eq!(tq.read(STATUS, 1)[0], VIRTIO_BLK_S_IOERR as u8);
+    assert_eq!(img.contents(), TempImage::pattern(SECTORS));
+    // A read-only image needs no flush.
+    assert!(blk.sync().is_ok());
+}
+
+#[test]
+fn restore_refuses_a_smaller_image() {
+    let img = TempImage::new(SECTORS);
+    let state = Block::new(&img.path, false).unwrap().save();
+    let small = TempImage::new(SECTORS / 2);
+    let err = Block::restore(&small.path, &state).err().unwrap();
+    assert!(
+        matches!(
+            err,
+            BlockError::Shrunk {
+                saved: SECTORS,
+                found: 8,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let msg = err.to_string();
+    assert!(msg.contains(&small.path.display().to_string()), "{msg}");
+    assert!(msg.contains("fewer than the 16"), "{msg}");
+    // A capacity no image can have.
+    for capacity in [u64::MAX, u64::MAX / SECTOR_SIZE + 1, SECTORS + 1] {
+        let state = BlockState {
+            capacity,
+            ..state.clone()
+        };
+        let err = Block::restore(&img.path, &state).err().unwrap();
+        assert!(matches!(err, BlockError::Shrunk { .. }), "{err}");
+    }
+}
+
+#[test]
+fn restore_serves_a_larger_image_at_the_saved_capacity() {
+    let m = mem();
+    let img = TempImage::new(SECTORS);
+    let state = Block::new(&img.path, false).unwrap().save();
+    let big = TempImage::new(2 * SECTORS);
+    let mut blk = Block::restore(&big.path, &state).unwrap();
+    assert_eq!(blk.capacity(), SECTORS);
+    assert_eq!(&blk.config()[0..8], &SECTORS.to_le_bytes());
+    let tq = TestQueue::new(&m, 256);
+    blk.activate(m.clone(), vec![tq.queue()], FEATURES).unwrap();
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+    h[8..16].copy_from_slice(&SECTORS.to_le_bytes());
+    tq.write(HDR, &h);
+    tq.add_chain(
+        0,
+        &[
+            DescSpec::r(HDR, 16),
+            DescSpec::w(DATA, 512),
+            DescSpec::w(STATUS, 1),
+        ],
+    );
+    blk.process_queue();
+    assert_eq!(tq.read(STATUS, 1)[0], VIRTIO_BLK_S_IOERR as u8);
+}
+
+#[test]
+fn restore_refuses_bad_serials_and_missing_images() {
+    let img = TempImage::new(SECTORS);
+    let state = Block::new(&img.path, false).unwrap().save();
+    let long = BlockState {
+        serial: "x".repeat(21),
+        ..state.clone()
+    };
+    let err = Block::restore(&img.path, &long).err().unwrap();
+    assert!(matches!(err, BlockError::SerialTooLong(21)), "{err}");
+    // Shorter serials are NUL-padded, and saved back the same.
+    let short = BlockState {
+        serial: "disk0".into(),
+        ..state.clone()
+    };
+    let blk = Block::restore(&img.path, &short).unwrap();
+    assert_eq!(&blk.serial()[..6], b"disk0\0");
+    assert_eq!(blk.save().serial, "disk0");
+    let err = Block::restore("/nonexistent/loft.img", &state)
+        .err()
+        .unwrap();
+    assert!(matches!(err, BlockError::Open { .. }), "{err}");
+}
+
+#[test]
+fn sync_flushes_the_image() {
+    let img = TempImage::new(SECTORS);
+    let mut blk = Block::new(&img.path, false).unwrap();
+    Block::sync(&blk).unwrap();
+    VirtioDevice::sync(&mut blk).unwrap();
+}
+
+/// Puts an OUT request of one sector at `sector`, filled with `fill`, at descriptors
+/// `3 * slot..`, with its own header, data and status buffers; publishes it.
+fn queue_write(tq: &TestQueue, slot: u16, sector: u64, fill: u8) -> u64 {
+    let base = 0x4_0000 + u64::from(slot) * 0x1000;
+    let (hdr, data, status) = (base, base + 0x200, base + 0x400);
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
+    h[8..16].copy_from_slice(&sector.to_le_bytes());
+    tq.write(hdr, &h);
+    tq.write(data, &[fill; 512]);
+    tq.write(status, &[UNANSWERED]);
+    tq.add_chain(
+        3 * slot,
+        &[
+            DescSpec::r(hdr, 16),
+            DescSpec::r(data, 512),
+            DescSpec::w(status, 1),
+        ],
+    );
+    data
+}
+
+fn sector(img: &TempImage, s: u64) -> Vec<u8> {
+    img.contents()[(s * 512) as usize..((s + 1) * 512) as usize].to_vec()
+}
+
+/// A block device saved mid-stream and restored over a copy of its image: requests before
+/// `next_avail` are not handled again, the one the guest queued without a notification the
+/// snapshot kept is handled, and the pending interrupt is raised again.
+#[test]
+fn restored_device_resumes_at_the_saved_ring_position() {
+    use crate::virtio::{MmioState, VirtioDeviceState, VirtioMmioDevice};
+    use event_manager::{EventManager, SubscriberOps};
+    use std::sync::{Arc, Mutex};
+
+    let m = mem();
+    let img = TempImage::new(SECTORS);
+    let tq = TestQueue::new(&m, 16);
+    let (mmio, blk_state, first_data) = {
+        let dev = VirtioMmioDevice::new(Block::new(&img.path, false).unwrap(), m.clone()).unwrap();
+        let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
+        em.add_subscriber(dev.subscriber.clone());
+        crate::virtio::testing::drive_to_driver_ok(&dev, &[&tq]);
+        let first_data = queue_write(&tq, 0, 1, 0xaa);
+        queue_write(&tq, 1, 2, 0xbb);
+        dev.queue_evts[0].0.write(1).unwrap();
+        em.run_with_timeout(1000).unwrap();
+        assert_eq!(tq.used_idx(), 2);
+        // The guest queues a third request; its notification is not handled before the
+        // snapshot.
+        queue_write(&tq, 2, 3, 0xcc);
+        dev.queue_evts[0].0.write(1).unwrap();
+
+        let t = crate::bus::lock(&dev.transport);
+        let mmio = t.save();
+        let VirtioDeviceState::Block(blk_state) = t.save_device().unwrap() else {
+            panic!("not a block state");
+        };
+        (mmio, blk_state, first_data)
+    };
+    assert!(mmio.activated);
+    assert_eq!(
+        (mmio.queues[0].next_avail, mmio.queues[0].next_used),
+        (2, 2)
+    );
+    assert_eq!(mmio.interrupt_status, crate::virtio::INT_USED_RING);
+    let json = serde_json::to_string(&mmio).unwrap();
+    let mmio: MmioState = serde_json::from_str(&json).unwrap();
+
+    // If the first request were handled again, sector 1 would get this.
+    tq.write(first_data, &[0xee; 512]);
+    let disk = copy_image(&img);
+
+    let blk = Block::restore(&disk.path, &blk_state).unwrap();
+    let dev = VirtioMmioDevice::restore(blk, m.clone(), &mmio).unwrap();
+    assert_eq!(
+        dev.irq_evt.read().unwrap(),
+        1,
+        "pending interrupt raised again"
+    );
+    assert_eq!(mmio_read(&mut *crate::bus::lock(&dev.transport), 0x70), 0xf);
+    let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
+    em.add_subscriber(dev.subscriber.clone());
+    em.run_with_timeout(1000).unwrap();
+    assert_eq!(tq.used_idx(), 3, "only the third request is handled");
+    assert_eq!(tq.used(2), (6, 1));
+    assert_eq!(sector(&disk, 1), [0xaa; 512]);
+    assert_eq!(sector(&disk, 2), [0xbb; 512]);
+    assert_eq!(sector(&disk, 3), [0xcc; 512]);
+
+    // And the device goes on.
+    queue_write(&tq, 3, 4, 0xdd);
+    dev.queue_evts[0].0.write(1).unwrap();
+    em.run_with_timeout(1000).unwrap();
+    assert_eq!(tq.used_idx(), 4);
+    assert_eq!(tq.used(3), (9, 1));
+    assert_eq!(sector(&disk, 4), [0xdd; 512]);
+    assert_eq!(sector(&img, 4), TempImage::pattern(SECTORS)[2048..2560]);
+}
+
+#[test]
+fn inactive_device_restores_inactive_and_can_be_driven() {
+    use crate::virtio::VirtioMmioDevice;
+
+    let m = mem();
+    let img = TempImage::new(SECTORS);
+    let dev = VirtioMmioDevice::new(Block::new(&img.path, false).unwrap(), m.clone()).unwrap();
+    let mmio = crate::bus::lock(&dev.transport).save();
+    let state = Block::new(&img.path, false).unwrap().save();
+    assert!(!mmio.activated);
+    let dev =
+        VirtioMmioDevice::restore(Block::restore(&img.path, &state).unwrap(), m.clone(), &mmio)
+            .unwrap();
+    assert!(!crate::bus::lock(&dev.transport).is_active());
+    assert!(dev.queue_evts[0].0.read().is_err());
+    let tq = TestQueue::new(&m, 256);
+    crate::virtio::testing::drive_to_driver_ok(&dev, &[&tq]);
+}
+
+#[test]
+fn hostile_block_transport_states_are_refused() {
+    use crate::virtio::{Error, VirtioMmioDevice};
+
+    let m = mem();
+    let img = TempImage::new(SECTORS);
+    let dev = VirtioMmioDevice::new(Block::new(&img.path, false).unwrap(), m.clone()).unwrap();
+    let tq = TestQueue::new(&m, 256);
+    crate::virtio::testing::drive_to_driver_ok(&dev, &[&tq]);
+    let good = crate::bus::lock(&dev.transport).save();
+    let state = Block::new(&img.path, false).unwrap().save();
+    let restore = |mmio: &crate::virtio::MmioState| {
+        VirtioMmioDevice::restore(Block::restore(&img.path, &state).unwrap(), m.clone(), mmio)
+    };
+    assert!(restore(&good).is_ok());
+
+    let mut bad = good.clone();
+    bad.queues[0].desc = MEM_SIZE;
+    assert!(matches!(
+        restore(&bad),
+        Err(Error::InvalidQueue { index: 0, .. })
+    ));
+    let mut bad = good.clone();
+    bad.queues[0].size = 512;
+    assert!(matches!(
+        restore(&bad),
+        Err(Error::InvalidQueue { index: 0, .. })
+    ));
+    let mut bad = good.clone();
+    bad.queues[0].max_size = 512;
+    bad.queues[0].size = 512;
+    assert!(matches!(restore(&bad), Err(Error::QueueMaxSize { .. })));
+    let mut bad = good.clone();
+    bad.queues.push(bad.queues[0].clone());
+    assert!(matches!(restore(&bad), Err(Error::QueueCount { .. })));
+    let mut bad = good.clone();
+    bad.driver_features |= 1 << 3;
+    assert!(matches!(restore(&bad), Err(Error::UnofferedFeatures(8))));
+    // Read-only offered in the state's device only.
+    let ro = Block::new(&img.path, true).unwrap();
+    let mut bad = good.clone();
+    bad.driver_features |= 1 << VIRTIO_BLK_F_RO;
+    assert!(matches!(
+        VirtioMmioDevice::restore(Block::restore(&img.path, &state).unwrap(), m.clone(), &bad),
+        Err(Error::UnofferedFeatures(_))
+    ));
+    assert!(VirtioMmioDevice::restore(
+        Block::restore(&img.path, &ro.save()).unwrap(),
+        m.clone(),
+        &bad
+    )
+    .is_ok());
+    // A net device's state.
+    let mut bad = good.clone();
+    bad.device_type = 1;
+    assert!(matches!(restore(&bad), Err(Error::DeviceType { .. })));
+}
+
+/// Ring positions that do not match the rings are not checked against guest memory at restore
+/// (the memory is the guest's to change): the device meets them as it would a lying driver,
+/// and fails with NEEDS_RESET instead of handling anything.
+#[test]
+fn lying_ring_positions_fail_the_device_safely() {
+    use crate::virtio::MmioTransport;
+    use std::sync::{Arc, Mutex};
+
+    let m = mem();
+    let img = TempImage::new(SECTORS);
+    let tq = TestQueue::new(&m, 16);
+    let blk = Arc::new(Mutex::new(Block::new(&img.path, false).unwrap()));
+    let mut t = MmioTransport::new(blk.clone(), m.clone()).unwrap();
+    crate::virtio::testing::drive(&mut t, &[&tq]);
+    queue_write(&tq, 0, 1, 0xaa);
+    let mut state = t.save();
+    assert!(state.activated);
+    drop(t);
+    for (next_avail, next_used) in [(1000, 0), (100, 5), (0, 17)] {
+        state.queues[0].next_avail = next_avail;
+        state.queues[0].next_used = next_used;
+        let blk = Arc::new(Mutex::new(
+            Block::restore(&img.path, &blk.lock().unwrap().save()).unwrap(),
+        ));
+        let mut t = MmioTransport::restore(blk.clone(), m.clone(), &state).unwrap();
+        blk.lock().unwrap().process_queue();
+        if next_avail == 0 {
+            // The request is handled; the used entry goes where the state says.
+            assert_eq!(tq.used(17 % 16), (0, 1));
+        } else {
+            assert!(blk.lock().unwrap().interrupt().needs_reset());
+            assert_eq!(mmio_read(&mut t, 0x70) & 0x40, 0x40, "NEEDS_RESET");
+        }
+    }
+    assert_eq!(sector(&img, 1), [0xaa; 512]);
 }

@@ -30,6 +30,9 @@
 //! connection closing on one side is reset after [`SHUTDOWN_TIMEOUT`] if the other side does not
 //! finish.
 //!
+//! Snapshots: host connections are not saved (their host sockets are not part of a snapshot).
+//! [`Vsock::restore`] starts with no connection.
+//!
 //! Wiring is that of every virtio device here:
 //! `VirtioMmioDevice::new(Vsock::new(cid, "/run/vm.vsock")?, mem)`, then the transport on the
 //! MMIO bus, the subscriber on the event loop, the queue eventfds as ioeventfds and the irq
@@ -44,13 +47,14 @@ use std::path::{Path, PathBuf};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use log::{debug, error};
+use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::chain::Chain;
-use super::{DeviceBase, VirtioDevice};
+use super::{DeviceBase, VirtioDevice, VirtioDeviceState};
 use muxer::Muxer;
 use packet::{PacketError, HDR_LEN};
 
@@ -101,6 +105,18 @@ pub enum VsockError {
     Virtio(#[from] super::Error),
 }
 
+/// The saved state of a vsock device: what it was built with.
+///
+/// Connections are not saved: their host streams, the data buffered for them and answers
+/// waiting for RX buffers are lost.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VsockState {
+    /// The guest's CID.
+    pub guest_cid: u64,
+    /// Path of the listening Unix socket when saved (the restored device may use another).
+    pub uds_path: PathBuf,
+}
+
 /// A virtio-vsock device.
 pub struct Vsock {
     guest_cid: u64,
@@ -132,6 +148,20 @@ impl Vsock {
             bounce: vec![0; HDR_LEN + MAX_PAYLOAD],
             tx_stalled: false,
         })
+    }
+
+    /// A device for the guest saved in `state`, listening on `uds_path` (the snapshot's or
+    /// another), with no connection.
+    pub fn restore(uds_path: impl Into<PathBuf>, state: &VsockState) -> Result<Self, VsockError> {
+        Self::new(state.guest_cid, uds_path)
+    }
+
+    /// What the device was built with, for a snapshot.
+    pub fn save(&self) -> VsockState {
+        VsockState {
+            guest_cid: self.guest_cid,
+            uds_path: self.uds_path().to_owned(),
+        }
     }
 
     /// The guest's CID.
@@ -337,6 +367,10 @@ impl VirtioDevice for Vsock {
         self.tx_stalled = false;
         self.muxer.reset();
         self.muxer.sync();
+    }
+
+    fn state(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Vsock(self.save())
     }
 }
 

@@ -1207,3 +1207,40 @@ fn event_loop_end_to_end() {
     run(&mut em);
     assert!(host_closed(&mut s));
 }
+
+#[test]
+fn save_restore_round_trip() {
+    let dir = TempDir::new();
+    let dev = Vsock::new(CID, dir.join("v.sock")).unwrap();
+    let state = dev.save();
+    assert_eq!(
+        state,
+        VsockState {
+            guest_cid: CID,
+            uds_path: dir.join("v.sock")
+        }
+    );
+    assert_eq!(
+        dev.state(),
+        crate::virtio::VirtioDeviceState::Vsock(state.clone())
+    );
+    let json = serde_json::to_string(&state).unwrap();
+    let back: VsockState = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, state);
+
+    let r = Vsock::restore(dir.join("w.sock"), &back).unwrap();
+    assert_eq!(r.guest_cid(), CID);
+    assert_eq!(r.uds_path(), dir.join("w.sock"));
+    assert_eq!(r.config(), dev.config());
+    assert_eq!(r.features(), dev.features());
+    assert_eq!(r.connection_count(), 0);
+    // The CID is checked as for a new device.
+    let bad = VsockState {
+        guest_cid: 2,
+        ..back
+    };
+    assert!(matches!(
+        Vsock::restore(dir.join("x.sock"), &bad),
+        Err(VsockError::InvalidCid(2))
+    ));
+}
