@@ -1,7 +1,7 @@
 //! virtio-vsock, with the host side as Unix sockets in Firecracker's convention.
 //!
-//! Queues: 0 receives (device to guest), 1 transmits, 2 carries events (never used: there is no
-//! live migration to announce). The config space is the guest's CID (`le64`). Only stream
+//! Queues: 0 receives (device to guest), 1 transmits, 2 carries events (only the transport
+//! reset sent after a restore). The config space is the guest's CID (`le64`). Only stream
 //! sockets are offered (no SEQPACKET feature); other socket types get RST.
 //!
 //! Host side: a process connects to the Unix socket given to [`Vsock::new`] and
@@ -31,7 +31,10 @@
 //! finish.
 //!
 //! Snapshots: host connections are not saved (their host sockets are not part of a snapshot).
-//! [`Vsock::restore`] starts with no connection.
+//! [`Vsock::restore`] starts with no connection and, once active, sends the guest a
+//! `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` on the event queue (as soon as the guest has an event
+//! buffer there), so that the driver drops its stale connections; listening sockets stay, and
+//! new connections work as before.
 //!
 //! Wiring is that of every virtio device here:
 //! `VirtioMmioDevice::new(Vsock::new(cid, "/run/vm.vsock")?, mem)`, then the transport on the
@@ -56,7 +59,7 @@ use vm_memory::GuestMemoryMmap;
 use super::chain::Chain;
 use super::{DeviceBase, VirtioDevice, VirtioDeviceState};
 use muxer::Muxer;
-use packet::{PacketError, HDR_LEN};
+use packet::{PacketError, EVENT_TRANSPORT_RESET, HDR_LEN};
 
 pub use connection::BUF_ALLOC;
 pub use muxer::{FIRST_LOCAL_PORT, MAX_CONNECTIONS, REQUEST_TIMEOUT, SHUTDOWN_TIMEOUT};
@@ -108,7 +111,8 @@ pub enum VsockError {
 /// The saved state of a vsock device: what it was built with.
 ///
 /// Connections are not saved: their host streams, the data buffered for them and answers
-/// waiting for RX buffers are lost.
+/// waiting for RX buffers are lost. The restored device tells the guest with a transport reset
+/// (see the module docs).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VsockState {
     /// The guest's CID.
@@ -126,6 +130,9 @@ pub struct Vsock {
     bounce: Vec<u8>,
     /// TX stopped because answers wait for RX buffers.
     tx_stalled: bool,
+    /// A transport reset is owed to the guest (restored device): sent on the event queue once
+    /// active and given a buffer.
+    reset_pending: bool,
 }
 
 impl Vsock {
@@ -147,13 +154,17 @@ impl Vsock {
             )?,
             bounce: vec![0; HDR_LEN + MAX_PAYLOAD],
             tx_stalled: false,
+            reset_pending: false,
         })
     }
 
     /// A device for the guest saved in `state`, listening on `uds_path` (the snapshot's or
-    /// another), with no connection.
+    /// another), with no connection. Once active it sends the guest a transport reset on the
+    /// event queue, so that the driver drops the connections the snapshot had.
     pub fn restore(uds_path: impl Into<PathBuf>, state: &VsockState) -> Result<Self, VsockError> {
-        Self::new(state.guest_cid, uds_path)
+        let mut dev = Self::new(state.guest_cid, uds_path)?;
+        dev.reset_pending = true;
+        Ok(dev)
     }
 
     /// What the device was built with, for a snapshot.
@@ -161,6 +172,67 @@ impl Vsock {
         VsockState {
             guest_cid: self.guest_cid,
             uds_path: self.uds_path().to_owned(),
+        }
+    }
+
+    /// True while a transport reset waits to be sent to the guest.
+    pub fn reset_pending(&self) -> bool {
+        self.reset_pending
+    }
+
+    /// Sends the guest a pending transport reset, if the event queue has a buffer for it (else
+    /// it waits for the next event-queue notification). A buffer that cannot hold the event is
+    /// returned unused and the next one tried. Does nothing before activation.
+    pub fn process_event_queue(&mut self) {
+        if !self.reset_pending {
+            return;
+        }
+        let Some(active) = self.base.active.as_mut() else {
+            return;
+        };
+        let mem = &active.mem;
+        let q = &mut active.queues[EVENT_QUEUE];
+        let max_chain = usize::from(q.size());
+        let mut used = 0;
+        let mut broken = false;
+        // Each pass takes a buffer, so the queue size bounds the loop.
+        for _ in 0..max_chain {
+            let chain = match q.iter(mem) {
+                Ok(mut it) => it.next(),
+                Err(e) => {
+                    debug!("virtio-vsock: bad event available ring: {e}");
+                    broken = true;
+                    break;
+                }
+            };
+            let Some(chain) = chain else {
+                debug!("virtio-vsock: no event buffer for the transport reset yet");
+                break;
+            };
+            let chain = Chain::collect(chain, max_chain);
+            let len = packet::write_event(mem, &chain, EVENT_TRANSPORT_RESET).unwrap_or_else(|e| {
+                debug!("virtio-vsock: event buffer returned unused: {e}");
+                0
+            });
+            if let Err(e) = q.add_used(mem, chain.head, len) {
+                debug!(
+                    "virtio-vsock: cannot return event descriptor {}: {e}",
+                    chain.head
+                );
+                broken = true;
+                break;
+            }
+            used += 1;
+            if len > 0 {
+                self.reset_pending = false;
+                break;
+            }
+        }
+        if used > 0 && !matches!(q.needs_notification(mem), Ok(false)) {
+            self.base.interrupt.signal_used();
+        }
+        if broken {
+            self.break_device();
         }
     }
 
@@ -365,6 +437,8 @@ impl VirtioDevice for Vsock {
     fn reset(&mut self) {
         self.base.active = None;
         self.tx_stalled = false;
+        // The driver starts over: it has no connection left to drop.
+        self.reset_pending = false;
         self.muxer.reset();
         self.muxer.sync();
     }
@@ -392,8 +466,7 @@ impl MutEventSubscriber for Vsock {
                     match i as usize {
                         RX_QUEUE => self.process_rx(),
                         TX_QUEUE => self.process_tx(),
-                        // The event queue only holds buffers for events we never send.
-                        _ => {}
+                        _ => self.process_event_queue(),
                     }
                 }
                 None => debug!("virtio-vsock: event for unknown source {i}"),

@@ -17,6 +17,13 @@ pub const HOST_CID: u64 = 2;
 /// anything is read or allocated.
 pub const MAX_PAYLOAD: usize = 64 * 1024;
 
+/// Length of `struct virtio_vsock_event`: an `le32` event ID.
+pub const EVENT_LEN: usize = 4;
+/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`: the device lost every connection (sent on the event
+/// queue after a snapshot is restored); the driver resets its connected sockets and re-reads
+/// the guest CID.
+pub const EVENT_TRANSPORT_RESET: u32 = 0;
+
 /// `VIRTIO_VSOCK_TYPE_STREAM`, the only socket type offered.
 pub const TYPE_STREAM: u16 = 1;
 
@@ -107,6 +114,9 @@ pub enum PacketError {
     /// The chain is shorter than a header.
     #[error("{0}-byte chain is shorter than a packet header")]
     Short(u64),
+    /// An event-queue chain is shorter than an event.
+    #[error("{0}-byte chain is shorter than an event")]
+    ShortEvent(u64),
     /// The header claims more payload than the chain holds or than [`MAX_PAYLOAD`]: the
     /// sender gets RST.
     #[error("header claims {claimed} payload bytes, the chain holds {held}")]
@@ -182,6 +192,21 @@ pub(crate) fn write_rx(
     write_at(mem, chain, 0, &hdr.to_bytes())?;
     write_at(mem, chain, HDR_LEN as u64, payload)?;
     Ok((HDR_LEN + payload.len()) as u32)
+}
+
+/// Writes a `virtio_vsock_event` with `id` into an event-queue chain (all device-writable, in
+/// guest memory, at least [`EVENT_LEN`] bytes); returns the used length.
+pub(crate) fn write_event(
+    mem: &GuestMemoryMmap<()>,
+    chain: &Chain,
+    id: u32,
+) -> Result<u32, PacketError> {
+    let total = chain_len(mem, chain, true)?;
+    if total < EVENT_LEN as u64 {
+        return Err(PacketError::ShortEvent(total));
+    }
+    write_at(mem, chain, 0, &id.to_le_bytes())?;
+    Ok(EVENT_LEN as u32)
 }
 
 /// Where byte `offset` of the chain's buffers is, and how much of that buffer is left.

@@ -1208,6 +1208,30 @@ fn event_loop_end_to_end() {
     assert!(host_closed(&mut s));
 }
 
+/// Where the event queue's buffers are.
+const EV_BUF: u64 = 0x5_8000;
+
+/// A device restored from a snapshot's state (listening on a new socket) and activated with
+/// the event queue `evq`.
+fn restored<'a>(m: &'a GuestMemoryMmap<()>, evq: &TestQueue) -> Rig<'a> {
+    let mut r = Rig::inactive(m);
+    let state = VsockState {
+        guest_cid: CID,
+        uds_path: r.uds(),
+    };
+    r.dev = Vsock::restore(r.dir.join("restored.sock"), &state).unwrap();
+    assert!(r.dev.reset_pending());
+    let queues = vec![r.rxq.queue(), r.txq.queue(), evq.queue()];
+    r.dev.activate(m.clone(), queues, FEATURES).unwrap();
+    let _ = r.dev.queue_events()[RX_QUEUE].read();
+    r
+}
+
+/// The event ID in event buffer `slot`.
+fn event_at(evq: &TestQueue, slot: u64) -> u32 {
+    u32::from_le_bytes(evq.read(EV_BUF + slot * 0x10, 4).try_into().unwrap())
+}
+
 #[test]
 fn save_restore_round_trip() {
     let dir = TempDir::new();
@@ -1227,6 +1251,7 @@ fn save_restore_round_trip() {
     let json = serde_json::to_string(&state).unwrap();
     let back: VsockState = serde_json::from_str(&json).unwrap();
     assert_eq!(back, state);
+    assert!(!dev.reset_pending(), "a new device owes no reset");
 
     let r = Vsock::restore(dir.join("w.sock"), &back).unwrap();
     assert_eq!(r.guest_cid(), CID);
@@ -1234,6 +1259,7 @@ fn save_restore_round_trip() {
     assert_eq!(r.config(), dev.config());
     assert_eq!(r.features(), dev.features());
     assert_eq!(r.connection_count(), 0);
+    assert!(r.reset_pending());
     // The CID is checked as for a new device.
     let bad = VsockState {
         guest_cid: 2,
@@ -1243,4 +1269,231 @@ fn save_restore_round_trip() {
         Vsock::restore(dir.join("x.sock"), &bad),
         Err(VsockError::InvalidCid(2))
     ));
+}
+
+#[test]
+fn restored_device_sends_a_transport_reset_once() {
+    let m = mem();
+    let evq = TestQueue::at(&m, EV_Q_ADDR, QUEUE_SIZE);
+    evq.write(EV_BUF, &[0xff; 8]);
+    evq.add_chain(0, &[DescSpec::w(EV_BUF, 4)]);
+    evq.add_chain(1, &[DescSpec::w(EV_BUF + 0x10, 4)]);
+    let mut r = restored(&m, &evq);
+    r.dev.process_event_queue();
+    assert_eq!(evq.used_idx(), 1);
+    assert_eq!(evq.used(0), (0, 4));
+    assert_eq!(event_at(&evq, 0), EVENT_TRANSPORT_RESET);
+    assert_eq!(
+        evq.read(EV_BUF + 4, 4),
+        [0xff; 4],
+        "4 bytes written, no more"
+    );
+    assert!(!r.dev.reset_pending());
+    assert_eq!(r.dev.interrupt().status() & INT_USED_RING, INT_USED_RING);
+    assert_eq!(r.dev.interrupt().eventfd().read().unwrap(), 1);
+    // Sent once: the other buffer stays with the device.
+    r.dev.process_event_queue();
+    assert_eq!(evq.used_idx(), 1);
+}
+
+/// Restored before the driver was up: once it activates the device, the reset waits for an
+/// event buffer, and goes out on the event queue's notification.
+#[test]
+fn transport_reset_waits_for_an_event_buffer() {
+    use event_manager::{EventManager, SubscriberOps};
+    use std::sync::{Arc, Mutex};
+
+    let m = mem();
+    let dir = TempDir::new();
+    let state = VsockState {
+        guest_cid: CID,
+        uds_path: dir.join("before.sock"),
+    };
+    let vsock = Vsock::restore(dir.join("after.sock"), &state).unwrap();
+    let vdev = crate::virtio::VirtioMmioDevice::new(vsock, m.clone()).unwrap();
+    let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
+    em.add_subscriber(vdev.subscriber.clone());
+    let rxq = TestQueue::new(&m, QUEUE_SIZE);
+    let txq = TestQueue::at(&m, TX_Q_ADDR, QUEUE_SIZE);
+    let evq = TestQueue::at(&m, EV_Q_ADDR, QUEUE_SIZE);
+    crate::virtio::testing::drive_to_driver_ok(&vdev, &[&rxq, &txq, &evq]);
+    vdev.queue_evts[2].0.write(1).unwrap();
+    while em.run_with_timeout(50).unwrap() > 0 {}
+    assert_eq!(evq.used_idx(), 0);
+    assert!(vdev.irq_evt.read().is_err(), "no interrupt");
+
+    // The guest gives an event buffer and notifies the event queue.
+    evq.add_chain(0, &[DescSpec::w(EV_BUF, 4)]);
+    vdev.queue_evts[2].0.write(1).unwrap();
+    while em.run_with_timeout(50).unwrap() > 0 {}
+    assert_eq!(evq.used_idx(), 1);
+    assert_eq!(evq.used(0), (0, 4));
+    assert_eq!(event_at(&evq, 0), EVENT_TRANSPORT_RESET);
+    assert_eq!(vdev.irq_evt.read().unwrap(), 1);
+}
+
+#[test]
+fn unusable_event_buffers_are_returned_and_the_next_one_used() {
+    let m = mem();
+    let evq = TestQueue::at(&m, EV_Q_ADDR, QUEUE_SIZE);
+    evq.write(EV_BUF, &[0xff; 0x40]);
+    // Too short, device-readable, outside memory, a loop; then a good one split in two.
+    evq.add_chain(0, &[DescSpec::w(EV_BUF, 2)]);
+    evq.add_chain(1, &[DescSpec::r(EV_BUF + 0x10, 4)]);
+    evq.add_chain(2, &[DescSpec::w(MEM_SIZE - 2, 4)]);
+    evq.set_desc(3, EV_BUF + 0x20, 4, DescSpec::WRITE | DescSpec::NEXT, 3);
+    evq.publish(&[3]);
+    evq.add_chain(
+        4,
+        &[DescSpec::w(EV_BUF + 0x30, 2), DescSpec::w(EV_BUF + 0x38, 2)],
+    );
+    let mut r = restored(&m, &evq);
+    r.dev.process_event_queue();
+    assert_eq!(evq.used_idx(), 5);
+    for i in 0..4 {
+        assert_eq!(evq.used(i), (i as u32, 0), "buffer {i} returned unused");
+    }
+    assert_eq!(evq.used(4), (4, 4));
+    assert_eq!(evq.read(EV_BUF, 2), [0xff; 2]);
+    assert_eq!(evq.read(EV_BUF + 0x30, 2), [0, 0]);
+    assert_eq!(evq.read(EV_BUF + 0x38, 2), [0, 0]);
+    assert!(!r.dev.reset_pending());
+}
+
+#[test]
+fn broken_event_ring_needs_reset() {
+    let m = mem();
+    let evq = TestQueue::at(&m, EV_Q_ADDR, QUEUE_SIZE);
+    evq.set_avail_idx(QUEUE_SIZE + 1);
+    let mut r = restored(&m, &evq);
+    r.dev.process_event_queue();
+    assert!(r.dev.interrupt().needs_reset());
+    // The driver resets the device: it starts over, with nothing to reset.
+    r.dev.reset();
+    assert!(!r.dev.reset_pending());
+}
+
+#[test]
+fn new_devices_send_no_event() {
+    let m = mem();
+    let evq = TestQueue::at(&m, EV_Q_ADDR, QUEUE_SIZE);
+    evq.add_chain(0, &[DescSpec::w(EV_BUF, 4)]);
+    let mut r = Rig::new(&m);
+    r.dev.process_event_queue();
+    assert_eq!(evq.used_idx(), 0);
+}
+
+/// A device with a host connection open is saved through its transport and restored on
+/// another socket path: the restored device has no connection, tells the guest with a
+/// transport reset from the event loop, answers the stale connection with RST and takes new
+/// connections.
+#[test]
+fn restore_through_the_transport_resets_the_guest_connections() {
+    use crate::virtio::{MmioState, VirtioDeviceState, VirtioMmioDevice};
+    use event_manager::{EventManager, SubscriberOps};
+    use std::sync::{Arc, Mutex};
+    type Em = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
+    fn run(em: &mut Em) {
+        while em.run_with_timeout(50).unwrap() > 0 {}
+    }
+
+    let m = mem();
+    let dir = TempDir::new();
+    let rxq = TestQueue::new(&m, QUEUE_SIZE);
+    let txq = TestQueue::at(&m, TX_Q_ADDR, QUEUE_SIZE);
+    let evq = TestQueue::at(&m, EV_Q_ADDR, QUEUE_SIZE);
+    let (mmio, state, mut old_stream, host_port) = {
+        let uds = dir.join("before.sock");
+        let vdev = VirtioMmioDevice::new(Vsock::new(CID, &uds).unwrap(), m.clone()).unwrap();
+        let mut em = Em::new().unwrap();
+        em.add_subscriber(vdev.subscriber.clone());
+        crate::virtio::testing::drive_to_driver_ok(&vdev, &[&rxq, &txq, &evq]);
+        for i in 0..4u16 {
+            evq.add_chain(i, &[DescSpec::w(EV_BUF + u64::from(i) * 0x10, 4)]);
+            rxq.add_chain(i, &[DescSpec::w(RX_BUF + u64::from(i) * RX_SLOT, RX_LEN)]);
+        }
+        vdev.queue_evts[2].0.write(1).unwrap();
+        let mut s = UnixStream::connect(&uds).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"CONNECT 52\n").unwrap();
+        run(&mut em);
+        assert_eq!(evq.used_idx(), 0, "a new device sends no event");
+        assert_eq!(rxq.used_idx(), 1);
+        let req = Header::from_bytes(rxq.read(RX_BUF, HDR_LEN).as_slice().try_into().unwrap());
+        txq.write(TX_BUF, &pkt(OP_RESPONSE, 52, req.src_port).to_bytes());
+        txq.add_chain(0, &[DescSpec::r(TX_BUF, HDR_LEN as u32)]);
+        vdev.queue_evts[1].0.write(1).unwrap();
+        run(&mut em);
+        assert_eq!(read_n(&mut s, 14), b"OK 1073741824\n");
+
+        let t = crate::bus::lock(&vdev.transport);
+        let VirtioDeviceState::Vsock(state) = t.save_device().unwrap() else {
+            panic!("not a vsock state");
+        };
+        (t.save(), state, s, req.src_port)
+    };
+    // The device is gone, and with it the host side of the connection.
+    assert!(host_closed(&mut old_stream));
+    assert_eq!(state.uds_path, dir.join("before.sock"));
+    let pos: Vec<_> = mmio
+        .queues
+        .iter()
+        .map(|q| (q.next_avail, q.next_used))
+        .collect();
+    assert_eq!(pos, [(1, 1), (1, 1), (0, 0)]);
+    let json = serde_json::to_string(&mmio).unwrap();
+    let mmio: MmioState = serde_json::from_str(&json).unwrap();
+
+    let uds = dir.join("after.sock");
+    let vsock = Vsock::restore(&uds, &state).unwrap();
+    let vdev = VirtioMmioDevice::restore(vsock, m.clone(), &mmio).unwrap();
+    let mut em = Em::new().unwrap();
+    em.add_subscriber(vdev.subscriber.clone());
+    run(&mut em);
+    assert_eq!(evq.used_idx(), 1, "transport reset sent");
+    assert_eq!(evq.used(0), (0, 4));
+    assert_eq!(event_at(&evq, 0), EVENT_TRANSPORT_RESET);
+    assert!(vdev.irq_evt.read().unwrap() >= 1);
+    assert_eq!(rxq.used_idx(), 1, "nothing else for the guest");
+
+    // The guest, not yet done with its stale connection, writes on it: RST.
+    let mut h = pkt(OP_RW, 52, host_port);
+    h.len = 2;
+    txq.write(TX_BUF, &h.to_bytes());
+    txq.write(TX_BUF + HDR_LEN as u64, b"hi");
+    txq.add_chain(1, &[DescSpec::r(TX_BUF, HDR_LEN as u32 + 2)]);
+    vdev.queue_evts[1].0.write(1).unwrap();
+    run(&mut em);
+    assert_eq!(txq.used_idx(), 2);
+    assert_eq!(rxq.used_idx(), 2);
+    let rst = Header::from_bytes(
+        rxq.read(RX_BUF + RX_SLOT, HDR_LEN)
+            .as_slice()
+            .try_into()
+            .unwrap(),
+    );
+    assert_eq!(
+        (rst.op, rst.src_port, rst.dst_port),
+        (OP_RST, host_port, 52)
+    );
+
+    // A new host connection, through the new socket.
+    let mut s = UnixStream::connect(&uds).unwrap();
+    s.write_all(b"CONNECT 53\n").unwrap();
+    run(&mut em);
+    assert_eq!(rxq.used_idx(), 3);
+    let req = Header::from_bytes(
+        rxq.read(RX_BUF + 2 * RX_SLOT, HDR_LEN)
+            .as_slice()
+            .try_into()
+            .unwrap(),
+    );
+    assert_eq!((req.op, req.dst_port), (OP_REQUEST, 53));
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    txq.write(TX_BUF, &pkt(OP_RESPONSE, 53, req.src_port).to_bytes());
+    txq.add_chain(2, &[DescSpec::r(TX_BUF, HDR_LEN as u32)]);
+    vdev.queue_evts[1].0.write(1).unwrap();
+    run(&mut em);
+    let line = format!("OK {}\n", req.src_port);
+    assert_eq!(read_n(&mut s, line.len()), line.as_bytes());
 }
