@@ -8,4 +8,3 @@ use std::sync::{Mutex, MutexGuard};
 pub fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
-
