@@ -493,6 +493,7 @@ fn read_answer(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::guest::fake::Recorder;
     use crate::server::handle_connection;
     use std::os::unix::net::UnixListener;
     use std::path::PathBuf;
@@ -559,7 +560,7 @@ mod tests {
     fn vmm_with_agent() -> FakeVmm {
         fake_vmm("agent", |mut s, _| {
             if accept_connect(&mut s) {
-                handle_connection(s.try_clone().unwrap(), s);
+                handle_connection(s.try_clone().unwrap(), s, &Recorder::default());
             }
         })
     }
@@ -732,7 +733,9 @@ mod tests {
     #[test]
     fn exec_on_a_socketpair() {
         let (host, agent) = UnixStream::pair().unwrap();
-        thread::spawn(move || handle_connection(agent.try_clone().unwrap(), agent));
+        thread::spawn(move || {
+            handle_connection(agent.try_clone().unwrap(), agent, &Recorder::default())
+        });
         let mut out = Vec::new();
         let status = exec_on_stream(
             host,

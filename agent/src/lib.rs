@@ -3,9 +3,9 @@
 //!
 //! # Transport
 //!
-//! One stream connection per command: the agent listens on a vsock port (default
-//! [`DEFAULT_PORT`]); the host reaches it through the VMM's Unix socket in Firecracker's
-//! convention (`CONNECT <port>\n` → `OK <hostport>\n`, then a byte stream), see
+//! One stream connection per request (a command, or a `Sync`): the agent listens on a vsock
+//! port (default [`DEFAULT_PORT`]); the host reaches it through the VMM's Unix socket in
+//! Firecracker's convention (`CONNECT <port>\n` → `OK <hostport>\n`, then a byte stream), see
 //! `loft::agent_client`. Everything below is what flows on that byte stream.
 //!
 //! # Frames
@@ -24,11 +24,13 @@
 //! | `0x01` | `Exec` | host → agent | the request, below (exactly one, first) |
 //! | `0x02` | `Stdin` | host → agent | bytes for the command's stdin (only if the `stdin` flag was set) |
 //! | `0x03` | `StdinEof` | host → agent | empty: close the command's stdin |
+//! | `0x04` | `Sync` | host → agent | the request, below (exactly one, first; at most [`MAX_SYNC_PAYLOAD`] = 593 bytes) |
 //! | `0x81` | `Stdout` | agent → host | a chunk of the command's stdout, as produced |
 //! | `0x82` | `Stderr` | agent → host | a chunk of the command's stderr, as produced |
 //! | `0x83` | `Exit` | agent → host | `i32` LE: the exit code (final frame) |
 //! | `0x84` | `Signal` | agent → host | `i32` LE (> 0): the signal that killed the command (final frame) |
 //! | `0x85` | `Error` | agent → host | `i32` LE errno (0 if none) + UTF-8 message (final frame) |
+//! | `0x86` | `Synced` | agent → host | empty: every step of a `Sync` succeeded (final frame) |
 //!
 //! The `Exec` payload (every integer little-endian, every string `u32` length +
 //! UTF-8 bytes, at most [`MAX_STRING`] bytes, no NUL byte):
@@ -59,14 +61,47 @@
 //! 4. The host keeps its end open until it has read the final frame, then closes. If the host
 //!    closes (or the stream breaks) before that, the agent kills the command (`SIGKILL`).
 //!
+//! # Sync: after a snapshot restore
+//!
+//! A restored guest goes on exactly where its snapshot was taken: its wall clock is behind by
+//! however long the snapshot was stored, and every clone of one snapshot starts with the same
+//! kernel RNG state. Right after a restore, before any command, the host opens a connection
+//! and sends one `Sync` frame instead of `Exec`. Its payload (little-endian):
+//!
+//! ```text
+//! u8  version = PROTOCOL_VERSION (1)
+//! u8  flags = 0 (reserved)
+//! u64 seconds since the Unix epoch (the host's CLOCK_REALTIME), at most i64::MAX
+//! u32 nanoseconds, below 1_000_000_000
+//! u16 entropy length (MIN_SYNC_ENTROPY..=MAX_SYNC_ENTROPY, 32..=512), then that many bytes
+//!     of fresh host randomness
+//! u8  clone id length (0 = none, else 1..=MAX_CLONE_ID = 64), then the id: bytes of
+//!     [A-Za-z0-9._-]
+//! (nothing after it)
+//! ```
+//!
+//! A `Sync` header announcing more than [`MAX_SYNC_PAYLOAD`] bytes is refused from the header
+//! alone. The agent then, in this order: sets `CLOCK_REALTIME` (`clock_settime`); adds the
+//! entropy to the input pool and credits it (`RNDADDENTROPY` on `/dev/urandom`, 8 bits per
+//! byte); forces a reseed of the CRNG from that pool (`RNDRESEEDCRNG`: new input alone does
+//! not make an initialised CRNG reseed now, Linux 6.1 does that on a schedule); and writes the clone id
+//! and a newline to `/run/loft/clone-id` (creating `/run/loft`), or removes that file when no
+//! id was given, so that it always holds the id of the latest `Sync`. Every step is tried even
+//! if an earlier one failed (a wrong clock is no reason to keep the shared RNG state). The
+//! answer is `Synced` when all succeeded, else `Error` with the errno of the first step that
+//! failed and a message naming every failed step; then the agent closes the connection.
+//!
 //! A malformed, oversized or unexpected frame from the host makes the agent answer `Error`
 //! (errno 0) and close that connection; other connections are not affected. The host treats
 //! anything unexpected from the agent the same way, as a typed error.
 
+use std::fmt;
 use std::io::{self, Read, Write};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 #[cfg(feature = "client")]
 pub mod client;
+pub mod guest;
 pub mod server;
 
 /// The vsock port the agent listens on by default.
@@ -86,6 +121,16 @@ pub const PROTOCOL_VERSION: u8 = 1;
 /// Size of the data chunks both sides put in one `Stdin` / `Stdout` / `Stderr` frame.
 pub const CHUNK: usize = 64 * 1024;
 
+/// Fewest entropy bytes in a `Sync` request (256 bits: a full CRNG key).
+pub const MIN_SYNC_ENTROPY: usize = 32;
+/// Most entropy bytes in a `Sync` request (the kernel takes any amount; this bounds the frame).
+pub const MAX_SYNC_ENTROPY: usize = 512;
+/// Longest clone id in a `Sync` request.
+pub const MAX_CLONE_ID: usize = 64;
+/// Largest `Sync` payload: version, flags, seconds, nanoseconds, the entropy and the clone id
+/// with their lengths.
+pub const MAX_SYNC_PAYLOAD: u32 = (1 + 1 + 8 + 4 + 2 + MAX_SYNC_ENTROPY + 1 + MAX_CLONE_ID) as u32;
+
 const FLAG_STDIN: u8 = 1;
 
 /// A frame's kind byte.
@@ -98,6 +143,8 @@ pub enum Kind {
     Stdin = 0x02,
     /// Host → agent: end of stdin.
     StdinEof = 0x03,
+    /// Host → agent: set the clock, reseed the RNG, store the clone id (after a restore).
+    Sync = 0x04,
     /// Agent → host: stdout bytes.
     Stdout = 0x81,
     /// Agent → host: stderr bytes.
@@ -106,8 +153,10 @@ pub enum Kind {
     Exit = 0x83,
     /// Agent → host: killed by a signal (final).
     Signal = 0x84,
-    /// Agent → host: the command could not be run (final).
+    /// Agent → host: the command could not be run, or a `Sync` step failed (final).
     Error = 0x85,
+    /// Agent → host: every step of a `Sync` succeeded (final).
+    Synced = 0x86,
 }
 
 impl Kind {
@@ -117,13 +166,25 @@ impl Kind {
             0x01 => Kind::Exec,
             0x02 => Kind::Stdin,
             0x03 => Kind::StdinEof,
+            0x04 => Kind::Sync,
             0x81 => Kind::Stdout,
             0x82 => Kind::Stderr,
             0x83 => Kind::Exit,
             0x84 => Kind::Signal,
             0x85 => Kind::Error,
+            0x86 => Kind::Synced,
             _ => return None,
         })
+    }
+
+    /// The largest payload a frame of this kind can have: [`MAX_FRAME`] but for the small
+    /// fixed-layout `Sync` and the empty `Synced`, whose headers are checked against it.
+    pub fn max_len(self) -> u32 {
+        match self {
+            Kind::Sync => MAX_SYNC_PAYLOAD,
+            Kind::Synced => 0,
+            _ => MAX_FRAME,
+        }
     }
 
     /// Which side sends frames of this kind.
@@ -289,14 +350,11 @@ impl ExecRequest {
 
     /// Decodes an `Exec` payload: the request and the stdin flag.
     pub fn decode(payload: &[u8]) -> Result<(ExecRequest, bool), ProtocolError> {
-        let mut c = Cursor { buf: payload };
-        let version = c.u8()?;
-        if version != PROTOCOL_VERSION {
-            return Err(malformed(
-                Kind::Exec,
-                format!("protocol version {version}, expected {PROTOCOL_VERSION}"),
-            ));
-        }
+        let mut c = Cursor {
+            kind: Kind::Exec,
+            buf: payload,
+        };
+        c.version()?;
         let flags = c.u8()?;
         if flags & !FLAG_STDIN != 0 {
             return Err(malformed(Kind::Exec, format!("unknown flags {flags:#04x}")));
@@ -321,13 +379,166 @@ impl ExecRequest {
             1 => Some(c.string()?),
             _ => return Err(malformed(Kind::Exec, "bad cwd marker")),
         };
-        if !c.buf.is_empty() {
-            return Err(malformed(Kind::Exec, "trailing bytes"));
-        }
+        c.end()?;
         let req = ExecRequest { argv, env, cwd };
         req.validate()?;
         Ok((req, flags & FLAG_STDIN != 0))
     }
+}
+
+/// What the host asks the agent to do right after a snapshot restore (a `Sync` frame): set the
+/// guest's wall clock, reseed its RNG with fresh entropy, and store which clone it is.
+///
+/// Its `Debug` output shows the entropy's length, not the bytes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SyncRequest {
+    /// The host's `CLOCK_REALTIME`: time since the Unix epoch (at most `i64::MAX` seconds).
+    pub realtime: Duration,
+    /// Fresh random bytes for the guest's RNG, credited as 8 bits each
+    /// ([`MIN_SYNC_ENTROPY`]..=[`MAX_SYNC_ENTROPY`] bytes).
+    pub entropy: Vec<u8>,
+    /// Written to the guest's `/run/loft/clone-id` (removed when `None`): 1..=[`MAX_CLONE_ID`]
+    /// bytes of `[A-Za-z0-9._-]`.
+    pub clone_id: Option<String>,
+}
+
+impl fmt::Debug for SyncRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SyncRequest")
+            .field("realtime", &self.realtime)
+            .field("entropy", &format_args!("[{} bytes]", self.entropy.len()))
+            .field("clone_id", &self.clone_id)
+            .finish()
+    }
+}
+
+impl SyncRequest {
+    /// A request for the wall-clock time `realtime` (e.g. `SystemTime::now()`), checked.
+    pub fn new(
+        realtime: SystemTime,
+        entropy: &[u8],
+        clone_id: Option<&str>,
+    ) -> Result<Self, ProtocolError> {
+        let realtime = realtime
+            .duration_since(UNIX_EPOCH)
+            .map_err(|_| malformed(Kind::Sync, "time before the Unix epoch"))?;
+        let req = SyncRequest {
+            realtime,
+            entropy: entropy.to_vec(),
+            clone_id: clone_id.map(str::to_string),
+        };
+        req.validate()?;
+        Ok(req)
+    }
+
+    /// Checks every bound and rule of the `Sync` payload (the same checks the agent makes).
+    pub fn validate(&self) -> Result<(), ProtocolError> {
+        let bad = |r: String| Err(malformed(Kind::Sync, r));
+        if i64::try_from(self.realtime.as_secs()).is_err() {
+            return bad(format!("{} seconds out of range", self.realtime.as_secs()));
+        }
+        let n = self.entropy.len();
+        if !(MIN_SYNC_ENTROPY..=MAX_SYNC_ENTROPY).contains(&n) {
+            return bad(format!(
+                "{n} bytes of entropy, expected {MIN_SYNC_ENTROPY}..={MAX_SYNC_ENTROPY}"
+            ));
+        }
+        if let Some(id) = &self.clone_id {
+            check_clone_id(id.as_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// The `Sync` payload.
+    pub fn encode(&self) -> Result<Vec<u8>, ProtocolError> {
+        self.validate()?;
+        let id = self.clone_id.as_deref().unwrap_or("");
+        let mut out = Vec::with_capacity(MAX_SYNC_PAYLOAD as usize);
+        out.extend_from_slice(&[PROTOCOL_VERSION, 0]);
+        out.extend_from_slice(&self.realtime.as_secs().to_le_bytes());
+        out.extend_from_slice(&self.realtime.subsec_nanos().to_le_bytes());
+        // Both lengths fit: validate() bounded them.
+        out.extend_from_slice(&(self.entropy.len() as u16).to_le_bytes());
+        out.extend_from_slice(&self.entropy);
+        out.push(id.len() as u8);
+        out.extend_from_slice(id.as_bytes());
+        Ok(out)
+    }
+
+    /// Decodes a `Sync` payload.
+    pub fn decode(payload: &[u8]) -> Result<SyncRequest, ProtocolError> {
+        let bad = |r: String| Err(malformed(Kind::Sync, r));
+        if payload.len() > MAX_SYNC_PAYLOAD as usize {
+            return bad(format!(
+                "{} bytes, at most {MAX_SYNC_PAYLOAD}",
+                payload.len()
+            ));
+        }
+        let mut c = Cursor {
+            kind: Kind::Sync,
+            buf: payload,
+        };
+        c.version()?;
+        let flags = c.u8()?;
+        if flags != 0 {
+            return bad(format!("unknown flags {flags:#04x}"));
+        }
+        let secs = c.u64()?;
+        if i64::try_from(secs).is_err() {
+            return bad(format!("{secs} seconds out of range"));
+        }
+        let nanos = c.u32()?;
+        if nanos >= 1_000_000_000 {
+            return bad(format!("{nanos} nanoseconds out of range"));
+        }
+        // Lengths are checked against their bounds before anything is taken or copied.
+        let n = usize::from(c.u16()?);
+        if !(MIN_SYNC_ENTROPY..=MAX_SYNC_ENTROPY).contains(&n) {
+            return bad(format!(
+                "{n} bytes of entropy, expected {MIN_SYNC_ENTROPY}..={MAX_SYNC_ENTROPY}"
+            ));
+        }
+        let entropy = c.take(n)?.to_vec();
+        let clone_id = match usize::from(c.u8()?) {
+            0 => None,
+            n if n > MAX_CLONE_ID => return bad(format!("clone id of {n} bytes")),
+            n => {
+                let id = c.take(n)?;
+                check_clone_id(id)?;
+                // Checked: ASCII only.
+                Some(String::from_utf8_lossy(id).into_owned())
+            }
+        };
+        c.end()?;
+        Ok(SyncRequest {
+            realtime: Duration::new(secs, nanos),
+            entropy,
+            clone_id,
+        })
+    }
+}
+
+/// A clone id: 1..=[`MAX_CLONE_ID`] bytes of `[A-Za-z0-9._-]`.
+fn check_clone_id(id: &[u8]) -> Result<(), ProtocolError> {
+    if id.is_empty() || id.len() > MAX_CLONE_ID {
+        return Err(malformed(
+            Kind::Sync,
+            format!(
+                "clone id of {} bytes, expected 1..={MAX_CLONE_ID}",
+                id.len()
+            ),
+        ));
+    }
+    if !id
+        .iter()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err(malformed(
+            Kind::Sync,
+            "clone id has a character outside [A-Za-z0-9._-]",
+        ));
+    }
+    Ok(())
 }
 
 fn check_string(s: &[u8]) -> Result<(), ProtocolError> {
@@ -340,15 +551,16 @@ fn check_string(s: &[u8]) -> Result<(), ProtocolError> {
     Ok(())
 }
 
-/// A bounds-checked reader over an `Exec` payload.
+/// A bounds-checked reader over an `Exec` or `Sync` payload.
 struct Cursor<'a> {
+    kind: Kind,
     buf: &'a [u8],
 }
 
 impl Cursor<'_> {
     fn take(&mut self, n: usize) -> Result<&[u8], ProtocolError> {
         if self.buf.len() < n {
-            return Err(malformed(Kind::Exec, "truncated payload"));
+            return Err(malformed(self.kind, "truncated payload"));
         }
         let (head, tail) = self.buf.split_at(n);
         self.buf = tail;
@@ -359,9 +571,40 @@ impl Cursor<'_> {
         Ok(self.take(1)?[0])
     }
 
+    fn u16(&mut self) -> Result<u16, ProtocolError> {
+        let b = self.take(2)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+
     fn u32(&mut self) -> Result<u32, ProtocolError> {
         let b = self.take(4)?;
         Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn u64(&mut self) -> Result<u64, ProtocolError> {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(self.take(8)?);
+        Ok(u64::from_le_bytes(b))
+    }
+
+    /// The version byte every request starts with.
+    fn version(&mut self) -> Result<(), ProtocolError> {
+        match self.u8()? {
+            PROTOCOL_VERSION => Ok(()),
+            v => Err(malformed(
+                self.kind,
+                format!("protocol version {v}, expected {PROTOCOL_VERSION}"),
+            )),
+        }
+    }
+
+    /// Nothing may follow the last field.
+    fn end(&self) -> Result<(), ProtocolError> {
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(malformed(self.kind, "trailing bytes"))
+        }
     }
 
     /// A count of items of at least `strings_each` strings (4 bytes each at least): bounded by
@@ -369,7 +612,7 @@ impl Cursor<'_> {
     fn count(&mut self, max: usize, strings_each: usize) -> Result<usize, ProtocolError> {
         let n = self.u32()? as usize;
         if n > max || n > self.buf.len() / (4 * strings_each) {
-            return Err(malformed(Kind::Exec, format!("count {n} out of bounds")));
+            return Err(malformed(self.kind, format!("count {n} out of bounds")));
         }
         Ok(n)
     }
@@ -399,6 +642,8 @@ pub enum Frame {
     Stdin(Vec<u8>),
     /// End of the command's stdin.
     StdinEof,
+    /// Set the clock, reseed the RNG, store the clone id.
+    Sync(SyncRequest),
     /// A chunk of stdout.
     Stdout(Vec<u8>),
     /// A chunk of stderr.
@@ -414,6 +659,8 @@ pub enum Frame {
         /// What happened.
         message: String,
     },
+    /// Every step of a `Sync` succeeded.
+    Synced,
 }
 
 impl Frame {
@@ -423,11 +670,13 @@ impl Frame {
             Frame::Exec { .. } => Kind::Exec,
             Frame::Stdin(_) => Kind::Stdin,
             Frame::StdinEof => Kind::StdinEof,
+            Frame::Sync(_) => Kind::Sync,
             Frame::Stdout(_) => Kind::Stdout,
             Frame::Stderr(_) => Kind::Stderr,
             Frame::Exit(_) => Kind::Exit,
             Frame::Signal(_) => Kind::Signal,
             Frame::Error { .. } => Kind::Error,
+            Frame::Synced => Kind::Synced,
         }
     }
 
@@ -436,7 +685,8 @@ impl Frame {
         let payload = match self {
             Frame::Exec { request, stdin } => request.encode(*stdin)?,
             Frame::Stdin(d) | Frame::Stdout(d) | Frame::Stderr(d) => d.clone(),
-            Frame::StdinEof => Vec::new(),
+            Frame::StdinEof | Frame::Synced => Vec::new(),
+            Frame::Sync(request) => request.encode()?,
             Frame::Exit(v) | Frame::Signal(v) => v.to_le_bytes().to_vec(),
             Frame::Error { errno, message } => {
                 let mut p = errno.to_le_bytes().to_vec();
@@ -476,6 +726,9 @@ impl Frame {
             Kind::Stdin => Frame::Stdin(payload.to_vec()),
             Kind::StdinEof if payload.is_empty() => Frame::StdinEof,
             Kind::StdinEof => return Err(malformed(kind, "payload not empty")),
+            Kind::Sync => Frame::Sync(SyncRequest::decode(payload)?),
+            Kind::Synced if payload.is_empty() => Frame::Synced,
+            Kind::Synced => return Err(malformed(kind, "payload not empty")),
             Kind::Stdout => Frame::Stdout(payload.to_vec()),
             Kind::Stderr => Frame::Stderr(payload.to_vec()),
             Kind::Exit => Frame::Exit(i32_payload()?),
@@ -504,7 +757,7 @@ pub fn header(kind: Kind, len: u32) -> [u8; HEADER_LEN] {
 }
 
 /// Reads one header: `None` on a clean end of stream before its first byte. The kind must be
-/// one `from` sends and the length at most [`MAX_FRAME`].
+/// one `from` sends and the length at most [`MAX_FRAME`] (and at most [`Kind::max_len`]).
 pub fn read_header<R: Read + ?Sized>(
     r: &mut R,
     from: Peer,
@@ -531,6 +784,12 @@ pub fn read_header<R: Read + ?Sized>(
     let len = u32::from_le_bytes([h[1], h[2], h[3], h[4]]);
     if len > MAX_FRAME {
         return Err(ProtocolError::FrameTooLarge { len: len.into() });
+    }
+    if len > kind.max_len() {
+        return Err(malformed(
+            kind,
+            format!("{len} bytes, at most {}", kind.max_len()),
+        ));
     }
     Ok(Some((kind, len)))
 }
@@ -630,7 +889,18 @@ mod tests {
                 errno: 2,
                 message: "not found".into(),
             },
+            Frame::Sync(sample_sync(Some("clone-7.a_b"))),
+            Frame::Sync(sample_sync(None)),
+            Frame::Synced,
         ]
+    }
+
+    fn sample_sync(clone_id: Option<&str>) -> SyncRequest {
+        SyncRequest {
+            realtime: Duration::new(1_754_000_000, 999_999_999),
+            entropy: (0..64).map(|i| i * 3).collect(),
+            clone_id: clone_id.map(str::to_string),
+        }
     }
 
     fn roundtrip(f: &Frame) -> Frame {
@@ -729,7 +999,7 @@ mod tests {
 
     #[test]
     fn unknown_kinds_fail_on_the_first_byte() {
-        for b in [0x00, 0x04, 0x7f, 0x80, 0x86, 0xff, b'G'] {
+        for b in [0x00, 0x05, 0x7f, 0x80, 0x87, 0xff, b'G'] {
             // Only the kind byte is available: the reader must not wait for the rest.
             let mut r = &[b][..];
             match read_frame(&mut r, Peer::Agent) {
@@ -910,5 +1180,212 @@ mod tests {
         assert!(bytes.len() <= HEADER_LEN + MAX_FRAME as usize);
         let mut r = &bytes[..];
         assert!(read_frame(&mut r, Peer::Agent).unwrap().is_some());
+    }
+    /// Builds a Sync payload by hand.
+    fn sync_payload(secs: u64, nanos: u32, entropy_len: u16, entropy: &[u8], id: &[u8]) -> Vec<u8> {
+        let mut p = vec![PROTOCOL_VERSION, 0];
+        p.extend_from_slice(&secs.to_le_bytes());
+        p.extend_from_slice(&nanos.to_le_bytes());
+        p.extend_from_slice(&entropy_len.to_le_bytes());
+        p.extend_from_slice(entropy);
+        p.push(id.len() as u8);
+        p.extend_from_slice(id);
+        p
+    }
+
+    fn sync_err(p: &[u8]) -> String {
+        match SyncRequest::decode(p) {
+            Err(ProtocolError::Malformed {
+                kind: Kind::Sync,
+                reason,
+            }) => reason,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn sync_layout_is_fixed_fields_then_entropy_then_clone_id() {
+        let req = SyncRequest {
+            realtime: Duration::new(0x0102_0304_0506_0708, 0x0a0b_0c0d),
+            entropy: vec![0xee; 32],
+            clone_id: Some("ab".into()),
+        };
+        let bytes = Frame::Sync(req.clone()).encode().unwrap();
+        let mut want = vec![0x04];
+        want.extend_from_slice(&(2 + 8 + 4 + 2 + 32 + 1 + 2u32).to_le_bytes());
+        want.extend_from_slice(&[1, 0, 8, 7, 6, 5, 4, 3, 2, 1, 0x0d, 0x0c, 0x0b, 0x0a, 32, 0]);
+        want.extend_from_slice(&[0xee; 32]);
+        want.extend_from_slice(&[2, b'a', b'b']);
+        assert_eq!(bytes, want);
+        assert_eq!(
+            Frame::Synced.encode().unwrap(),
+            [Kind::Synced as u8, 0, 0, 0, 0]
+        );
+        // The largest request is exactly MAX_SYNC_PAYLOAD.
+        let big = SyncRequest {
+            realtime: Duration::new(i64::MAX as u64, 999_999_999),
+            entropy: vec![1; MAX_SYNC_ENTROPY],
+            clone_id: Some("z".repeat(MAX_CLONE_ID)),
+        };
+        assert_eq!(big.encode().unwrap().len(), MAX_SYNC_PAYLOAD as usize);
+        assert_eq!(MAX_SYNC_PAYLOAD, 593, "the docs say 593");
+        assert_eq!(roundtrip(&Frame::Sync(big.clone())), Frame::Sync(big));
+    }
+
+    #[test]
+    fn sync_header_over_its_limit_fails_without_reading_or_allocating() {
+        // Legal for MAX_FRAME, not for a Sync: refused from the header, no payload behind it.
+        for len in [MAX_SYNC_PAYLOAD + 1, MAX_FRAME] {
+            let bytes = header(Kind::Sync, len);
+            let mut r = &bytes[..];
+            let (res, largest) = largest_alloc(|| read_frame(&mut r, Peer::Host));
+            match res {
+                Err(ProtocolError::Malformed {
+                    kind: Kind::Sync,
+                    reason,
+                }) => assert!(reason.contains("at most"), "{reason}"),
+                other => panic!("{len}: {other:?}"),
+            }
+            assert!(largest < 4096, "allocated {largest} bytes");
+        }
+        let bytes = header(Kind::Sync, u32::MAX);
+        let mut r = &bytes[..];
+        assert!(matches!(
+            read_frame(&mut r, Peer::Host),
+            Err(ProtocolError::FrameTooLarge { .. })
+        ));
+        // Synced has no payload at all.
+        let mut bytes = header(Kind::Synced, 1).to_vec();
+        bytes.push(0);
+        let mut r = &bytes[..];
+        assert!(matches!(
+            read_frame(&mut r, Peer::Agent),
+            Err(ProtocolError::Malformed {
+                kind: Kind::Synced,
+                ..
+            })
+        ));
+        assert!(Frame::decode(Kind::Synced, &[0]).is_err());
+        // And a Sync only comes from the host.
+        let bytes = Frame::Sync(sample_sync(None)).encode().unwrap();
+        let mut r = &bytes[..];
+        assert!(matches!(
+            read_frame(&mut r, Peer::Agent),
+            Err(ProtocolError::Unexpected(Kind::Sync))
+        ));
+    }
+
+    #[test]
+    fn sync_payload_hand_built_decodes() {
+        let p = sync_payload(5, 6, 32, &[9; 32], b"");
+        let req = SyncRequest::decode(&p).unwrap();
+        assert_eq!(req.realtime, Duration::new(5, 6));
+        assert_eq!(req.entropy, [9; 32]);
+        assert_eq!(req.clone_id, None);
+        let p = sync_payload(5, 6, 32, &[9; 32], b"Az09._-");
+        assert_eq!(
+            SyncRequest::decode(&p).unwrap().clone_id.as_deref(),
+            Some("Az09._-")
+        );
+    }
+
+    #[test]
+    fn sync_entropy_length_is_bounded_before_allocating() {
+        // A claimed length beyond the bound, with nothing behind it.
+        let p = sync_payload(1, 0, u16::MAX, &[], b"");
+        let (res, largest) = largest_alloc(|| SyncRequest::decode(&p));
+        match res {
+            Err(ProtocolError::Malformed { reason, .. }) => {
+                assert!(reason.contains("entropy"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(largest < 1024, "allocated {largest} bytes");
+        let too_long = MAX_SYNC_ENTROPY as u16 + 1;
+        let p = sync_payload(1, 0, too_long, &vec![0; too_long.into()], b"");
+        assert!(sync_err(&p).contains("entropy"));
+        let too_short = MIN_SYNC_ENTROPY as u16 - 1;
+        let p = sync_payload(1, 0, too_short, &vec![0; too_short.into()], b"");
+        assert!(sync_err(&p).contains("entropy"));
+        // A legal claim the payload does not hold.
+        let p = sync_payload(1, 0, 64, &[0; 10], b"");
+        assert!(sync_err(&p).contains("truncated"));
+        // A payload longer than a Sync can be, handed to decode directly.
+        let mut p = sync_payload(1, 0, 32, &[0; 32], b"");
+        p.resize(MAX_SYNC_PAYLOAD as usize + 1, 0);
+        assert!(sync_err(&p).contains("at most"));
+    }
+
+    #[test]
+    fn sync_fields_are_checked() {
+        let good = sync_payload(1, 2, 32, &[7; 32], b"id");
+        SyncRequest::decode(&good).unwrap();
+        let mut p = good.clone();
+        p[0] = 2;
+        assert!(sync_err(&p).contains("version"));
+        let mut p = good.clone();
+        p[1] = 1;
+        assert!(sync_err(&p).contains("flags"));
+        let p = sync_payload(1 << 63, 0, 32, &[7; 32], b"");
+        assert!(sync_err(&p).contains("seconds"));
+        let p = sync_payload(1, 1_000_000_000, 32, &[7; 32], b"");
+        assert!(sync_err(&p).contains("nanoseconds"));
+        for id in [
+            &b"a/b"[..],
+            b"a b",
+            b"x\0",
+            "é".as_bytes(),
+            b"\n",
+            b"$(reboot)",
+        ] {
+            let p = sync_payload(1, 0, 32, &[7; 32], id);
+            assert!(sync_err(&p).contains("clone id"), "{id:?}");
+        }
+        let p = sync_payload(1, 0, 32, &[7; 32], &[b'a'; MAX_CLONE_ID + 1]);
+        assert!(sync_err(&p).contains("clone id"));
+        let mut p = good.clone();
+        p.push(0);
+        assert!(sync_err(&p).contains("trailing"));
+        // A clone id length with no id behind it.
+        let mut p = sync_payload(1, 0, 32, &[7; 32], b"");
+        *p.last_mut().unwrap() = 5;
+        assert!(sync_err(&p).contains("truncated"));
+        for cut in 0..good.len() {
+            assert!(SyncRequest::decode(&good[..cut]).is_err(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn sync_encode_refuses_what_decode_would_refuse() {
+        let ok = sample_sync(Some("ok"));
+        ok.validate().unwrap();
+        let with = |f: &dyn Fn(&mut SyncRequest)| {
+            let mut r = ok.clone();
+            f(&mut r);
+            r.encode()
+        };
+        assert!(with(&|r| r.entropy.truncate(MIN_SYNC_ENTROPY - 1)).is_err());
+        assert!(with(&|r| r.entropy = vec![0; MAX_SYNC_ENTROPY + 1]).is_err());
+        assert!(with(&|r| r.clone_id = Some(String::new())).is_err());
+        assert!(with(&|r| r.clone_id = Some("a".repeat(MAX_CLONE_ID + 1))).is_err());
+        assert!(with(&|r| r.clone_id = Some("../x".into())).is_err());
+        assert!(with(&|r| r.realtime = Duration::new(1 << 63, 0)).is_err());
+        assert!(with(&|r| r.realtime = Duration::MAX).is_err());
+        let before_epoch = UNIX_EPOCH - Duration::from_secs(1);
+        assert!(SyncRequest::new(before_epoch, &[0; 64], None).is_err());
+        let now = SyncRequest::new(SystemTime::now(), &[0; 64], Some("c1")).unwrap();
+        assert_eq!(now.clone_id.as_deref(), Some("c1"));
+    }
+
+    #[test]
+    fn sync_debug_hides_the_entropy() {
+        let req = SyncRequest {
+            realtime: Duration::ZERO,
+            entropy: vec![0xab; 40],
+            clone_id: None,
+        };
+        let text = format!("{req:?}");
+        assert!(text.contains("[40 bytes]"), "{text}");
+        assert!(!text.contains("171"), "{text}");
     }
 }

@@ -7,12 +7,18 @@
 //! Listens on vsock port PORT (any CID) and serves each connection on its own thread with
 //! [`loft_agent::server`]; the protocol is in [`loft_agent`]. Prints nothing unless something
 //! fails (the console is slow and shared with `/init`).
+//!
+//! Runs as root: besides running commands, it carries out the host's `Sync` after a snapshot
+//! restore ([`loft_agent::guest::LinuxGuest`]: set the clock, reseed the RNG, store the clone
+//! id in `/run/loft/clone-id`).
 
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use loft_agent::server::Server;
+use loft_agent::guest::LinuxGuest;
+use loft_agent::server::{Server, MAX_CONNECTIONS};
 use loft_agent::DEFAULT_PORT;
 use socket2::{Domain, SockAddr, Socket, Type};
 
@@ -72,7 +78,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let server = Server::default();
+    let server = Server::new(MAX_CONNECTIONS, Arc::new(LinuxGuest::default()));
     loop {
         let socket = match listener.accept() {
             Ok((socket, _peer)) => socket,

@@ -7,6 +7,10 @@
 //! chunk), and one thread reads the host's further frames (stdin, and the end of the stream,
 //! which means the host gave up: the command is killed). Nothing polls: every thread blocks
 //! in a read or on a channel.
+//!
+//! A `Sync` request instead is answered on the connection's thread: its steps go through the
+//! [`SyncOps`] the handler is given ([`LinuxGuest`](crate::guest::LinuxGuest) in the agent, a
+//! fake in tests), then `Synced` or `Error` is sent and the connection closed.
 
 use std::io::{BufReader, Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -16,6 +20,7 @@ use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
+use crate::guest::{self, SyncOps};
 use crate::{header, read_frame, ExecRequest, Frame, Kind, Peer, ProtocolError, CHUNK, HEADER_LEN};
 
 /// Most connections served at once; more are answered with `Error` and closed.
@@ -39,6 +44,10 @@ pub enum Outcome {
     Abandoned,
     /// The host broke the protocol while the command ran: `Error` was sent, the command killed.
     Aborted(String),
+    /// Every step of a `Sync` succeeded; `Synced` was sent.
+    Synced,
+    /// A `Sync` step failed (the others were still tried); `Error` was sent with this message.
+    SyncFailed(String),
 }
 
 /// The write half, shared by the relays and the coordinator. Once the final frame is out (or a
@@ -89,8 +98,9 @@ enum Event {
 /// Serves one connection: reads the request from `reader`, runs it, writes the answer to
 /// `writer`. `reader` and `writer` are the two halves of one stream (e.g. a socket and its
 /// `try_clone`). Returns when the final frame is written (or the host is gone); `reader` may
-/// stay with a helper thread until the host closes the stream.
-pub fn handle_connection<R, W>(reader: R, writer: W) -> Outcome
+/// stay with a helper thread until the host closes the stream. A `Sync` request is carried
+/// out through `ops`.
+pub fn handle_connection<R, W>(reader: R, writer: W, ops: &dyn SyncOps) -> Outcome
 where
     R: Read + Send + 'static,
     W: Write + Send + 'static,
@@ -104,6 +114,14 @@ where
         // No request at all (a readiness probe, or the host reset the stream): nothing to say.
         Ok(None) | Err(ProtocolError::Io(_)) => return Outcome::Closed,
         Ok(Some(Frame::Exec { request, stdin })) => (request, stdin),
+        Ok(Some(Frame::Sync(request))) => {
+            let answer = guest::apply(&request, ops);
+            send_frame(&sink, &answer);
+            return match answer {
+                Frame::Error { message, .. } => Outcome::SyncFailed(message),
+                _ => Outcome::Synced,
+            };
+        }
         Ok(Some(f)) => {
             let msg = ProtocolError::Unexpected(f.kind()).to_string();
             send_error(&sink, 0, msg.clone());
@@ -281,24 +299,30 @@ fn host_reader<R: Read>(
 }
 
 /// Runs connections on their own threads, at most `max` at once.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Server {
     active: Arc<AtomicUsize>,
     max: usize,
+    ops: Arc<dyn SyncOps>,
 }
 
-impl Default for Server {
-    fn default() -> Self {
-        Self::new(MAX_CONNECTIONS)
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("active", &self.active())
+            .field("max", &self.max)
+            .finish_non_exhaustive()
     }
 }
 
 impl Server {
-    /// A server for at most `max` connections at once.
-    pub fn new(max: usize) -> Self {
+    /// A server for at most `max` connections at once, doing `Sync` requests through `ops`
+    /// (the agent: [`LinuxGuest`](crate::guest::LinuxGuest)).
+    pub fn new(max: usize, ops: Arc<dyn SyncOps>) -> Self {
         Server {
             active: Arc::new(AtomicUsize::new(0)),
             max,
+            ops,
         }
     }
 
@@ -329,6 +353,7 @@ impl Server {
             return;
         }
         let active = self.active.clone();
+        let ops = self.ops.clone();
         // The writer moves into the thread only if the thread starts; keep a way to answer.
         let slot = Arc::new(Mutex::new(Some((reader, writer))));
         let theirs = slot.clone();
@@ -337,7 +362,7 @@ impl Server {
             .spawn(move || {
                 let taken = theirs.lock().ok().and_then(|mut s| s.take());
                 if let Some((r, w)) = taken {
-                    handle_connection(r, w);
+                    handle_connection(r, w, &*ops);
                 }
                 active.fetch_sub(1, Ordering::SeqCst);
             });
@@ -358,7 +383,9 @@ impl Server {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{write_frame, MAX_FRAME};
+    use crate::guest::fake::{Call, Recorder};
+    use crate::guest::Step;
+    use crate::{write_frame, SyncRequest, MAX_FRAME, MAX_SYNC_PAYLOAD};
     use std::io::Write;
     use std::os::unix::net::UnixStream;
     use std::time::{Duration, Instant};
@@ -366,14 +393,23 @@ mod tests {
     /// A connection to a freshly spawned handler; returns the host's end and the handler's
     /// thread (whose result is the outcome).
     fn connect() -> (UnixStream, thread::JoinHandle<Outcome>) {
+        connect_with(Arc::new(Recorder::default()))
+    }
+
+    /// Like [`connect`], with `ops` doing the `Sync` steps.
+    fn connect_with(ops: Arc<Recorder>) -> (UnixStream, thread::JoinHandle<Outcome>) {
         let (host, agent) = UnixStream::pair().unwrap();
         host.set_read_timeout(Some(Duration::from_secs(20)))
             .unwrap();
         let handle = thread::spawn(move || {
             let r = agent.try_clone().unwrap();
-            handle_connection(r, agent)
+            handle_connection(r, agent, &*ops)
         });
         (host, handle)
+    }
+
+    fn recording_server(max: usize) -> Server {
+        Server::new(max, Arc::new(Recorder::default()))
     }
 
     fn exec(req: ExecRequest, stdin: bool) -> Frame {
@@ -597,7 +633,7 @@ mod tests {
 
     #[test]
     fn server_serves_concurrently_and_survives_bad_clients() {
-        let server = Server::new(8);
+        let server = recording_server(8);
         let flag = std::env::temp_dir().join(format!("loft-agent-conc-{}", std::process::id()));
         let _ = std::fs::remove_file(&flag);
         let open = |server: &Server| {
@@ -632,7 +668,7 @@ mod tests {
 
     #[test]
     fn server_refuses_beyond_its_limit() {
-        let server = Server::new(1);
+        let server = recording_server(1);
         let (mut first, agent) = UnixStream::pair().unwrap();
         first
             .set_read_timeout(Some(Duration::from_secs(20)))
@@ -656,5 +692,117 @@ mod tests {
             thread::sleep(Duration::from_millis(10));
         }
         assert_eq!(server.active(), 0);
+    }
+    fn sync_request(clone_id: Option<&str>) -> SyncRequest {
+        SyncRequest {
+            realtime: Duration::new(1_800_000_000, 5),
+            entropy: vec![0x5a; 64],
+            clone_id: clone_id.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn sync_runs_every_step_then_answers_synced_and_closes() {
+        let ops = Arc::new(Recorder::default());
+        let (mut host, handle) = connect_with(ops.clone());
+        write_frame(&mut host, &Frame::Sync(sync_request(Some("vm-3")))).unwrap();
+        assert_eq!(
+            read_frame(&mut host, Peer::Agent).unwrap(),
+            Some(Frame::Synced)
+        );
+        assert!(read_frame(&mut host, Peer::Agent).unwrap().is_none());
+        assert_eq!(handle.join().unwrap(), Outcome::Synced);
+        assert_eq!(
+            ops.calls(),
+            [
+                Call::Clock(Duration::new(1_800_000_000, 5)),
+                Call::Entropy(vec![0x5a; 64]),
+                Call::Reseed,
+                Call::CloneId(Some("vm-3".into())),
+            ]
+        );
+    }
+
+    #[test]
+    fn failed_sync_step_is_an_error_frame_with_its_errno() {
+        let ops = Arc::new(Recorder::failing(&[(Step::Entropy, libc::EPERM)]));
+        let (mut host, handle) = connect_with(ops.clone());
+        write_frame(&mut host, &Frame::Sync(sync_request(None))).unwrap();
+        match read_frame(&mut host, Peer::Agent).unwrap().unwrap() {
+            Frame::Error { errno, message } => {
+                assert_eq!(errno, libc::EPERM);
+                assert!(message.contains("add entropy"), "{message}");
+            }
+            f => panic!("{f:?}"),
+        }
+        assert!(read_frame(&mut host, Peer::Agent).unwrap().is_none());
+        assert!(matches!(handle.join().unwrap(), Outcome::SyncFailed(_)));
+        // The later steps were still tried.
+        assert_eq!(ops.calls().len(), 4);
+    }
+
+    /// Sends raw bytes as a Sync and expects a rejection with no step run.
+    fn expect_sync_rejected(bytes: &[u8]) -> String {
+        let ops = Arc::new(Recorder::default());
+        let (mut host, handle) = connect_with(ops.clone());
+        host.write_all(bytes).unwrap();
+        let msg = match read_frame(&mut host, Peer::Agent).unwrap().unwrap() {
+            Frame::Error { errno: 0, message } => message,
+            f => panic!("{f:?}"),
+        };
+        assert!(matches!(handle.join().unwrap(), Outcome::Rejected(_)));
+        assert!(ops.calls().is_empty(), "a malformed Sync ran a step");
+        msg
+    }
+
+    #[test]
+    fn malformed_sync_is_rejected_without_running_a_step() {
+        // Oversized: refused from the header, without waiting for the payload.
+        let m = expect_sync_rejected(&header(Kind::Sync, MAX_SYNC_PAYLOAD + 1));
+        assert!(m.contains("malformed Sync"), "{m}");
+        let m = expect_sync_rejected(&header(Kind::Sync, u32::MAX));
+        assert!(m.contains("exceeds"), "{m}");
+        // Too little entropy.
+        let mut req = sync_request(None).encode().unwrap();
+        req[14] = 1;
+        let mut bytes = header(Kind::Sync, req.len() as u32).to_vec();
+        bytes.extend_from_slice(&req);
+        let m = expect_sync_rejected(&bytes);
+        assert!(m.contains("entropy"), "{m}");
+        // A clone id that is not one.
+        let mut req = sync_request(Some("abc")).encode().unwrap();
+        *req.last_mut().unwrap() = b'/';
+        let mut bytes = header(Kind::Sync, req.len() as u32).to_vec();
+        bytes.extend_from_slice(&req);
+        let m = expect_sync_rejected(&bytes);
+        assert!(m.contains("clone id"), "{m}");
+        // Truncated, then the host closes its side.
+        let ops = Arc::new(Recorder::default());
+        let (mut host, handle) = connect_with(ops.clone());
+        host.write_all(&header(Kind::Sync, 80)).unwrap();
+        host.write_all(&[1, 0, 0]).unwrap();
+        host.shutdown(std::net::Shutdown::Write).unwrap();
+        assert!(matches!(
+            read_frame(&mut host, Peer::Agent).unwrap(),
+            Some(Frame::Error { errno: 0, .. })
+        ));
+        assert!(matches!(handle.join().unwrap(), Outcome::Rejected(_)));
+        assert!(ops.calls().is_empty());
+    }
+
+    #[test]
+    fn server_passes_sync_to_its_ops() {
+        let ops = Arc::new(Recorder::default());
+        let server = Server::new(4, ops.clone());
+        let (mut host, agent) = UnixStream::pair().unwrap();
+        host.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        server.spawn(agent.try_clone().unwrap(), agent);
+        write_frame(&mut host, &Frame::Sync(sync_request(Some("s")))).unwrap();
+        assert_eq!(
+            read_frame(&mut host, Peer::Agent).unwrap(),
+            Some(Frame::Synced)
+        );
+        assert_eq!(ops.calls()[3], Call::CloneId(Some("s".into())));
     }
 }
