@@ -1,12 +1,13 @@
 //! The host side of loft's guest agent (`loft-agent`): run a command in the guest over the
-//! VM's virtio-vsock device.
+//! VM's virtio-vsock device, and sync a guest restored from a snapshot ([`sync_on_stream`]:
+//! its clock, its RNG, its clone id).
 //!
 //! The VMM exposes the device as a Unix socket in Firecracker's convention: connect to it,
 //! write `CONNECT <port>\n`, read `OK <hostport>\n`, and the stream is then connected to the
 //! guest process listening on vsock port `<port>` (the agent, [`DEFAULT_AGENT_PORT`] unless
 //! the guest was told otherwise with `loft_agent=PORT`). If nothing listens there, the VMM
 //! closes the stream without `OK`: [`AgentError::Refused`]. What follows is the frame
-//! protocol of [the crate's](crate) (one command per connection).
+//! protocol of [the crate's](crate) (one request per connection).
 //!
 //! The guest is not trusted: frames are checked before anything is allocated for them (at most
 //! [`crate::MAX_FRAME`] bytes each), anything unexpected is a typed error, and every read
@@ -29,11 +30,14 @@ use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::{header, read_frame, Frame, Kind, Peer, ProtocolError, CHUNK, HEADER_LEN};
 
-pub use crate::{ExecRequest, DEFAULT_PORT as DEFAULT_AGENT_PORT, MAX_FRAME};
+pub use crate::{
+    ExecRequest, SyncRequest, DEFAULT_PORT as DEFAULT_AGENT_PORT, MAX_CLONE_ID, MAX_FRAME,
+    MAX_SYNC_ENTROPY, MIN_SYNC_ENTROPY,
+};
 
 /// Most bytes [`exec_output`] collects from each of stdout and stderr.
 pub const OUTPUT_LIMIT: usize = 64 << 20;
@@ -110,8 +114,9 @@ pub enum AgentError {
     /// The VMM's vsock socket answered `CONNECT` with something other than `OK <port>`.
     #[error("unexpected answer from the VMM's vsock socket: {0:?}")]
     Handshake(String),
-    /// The agent closed the connection before it sent the command's exit status.
-    #[error("the agent closed the connection without an exit status")]
+    /// The agent closed the connection before it sent the command's exit status (or its
+    /// answer to a `Sync`).
+    #[error("the agent closed the connection without an exit status or answer")]
     NoExitStatus,
     /// The agent announced a frame larger than [`MAX_FRAME`] (nothing was allocated for it).
     #[error("the agent announced a {len}-byte frame (limit {MAX_FRAME})")]
@@ -119,8 +124,8 @@ pub enum AgentError {
         /// The announced length.
         len: u64,
     },
-    /// The request breaks the protocol's rules (empty argv, NUL byte, too big, ...); nothing
-    /// was sent.
+    /// The request breaks the protocol's rules (empty argv, NUL byte, too big, too little
+    /// entropy, a bad clone id, ...); nothing was sent.
     #[error("invalid request")]
     InvalidRequest(#[source] ProtocolError),
     /// The agent could not run the command (`Error` frame). `errno` is the guest's OS error
@@ -130,6 +135,16 @@ pub enum AgentError {
         /// The guest's errno, 0 if none.
         errno: i32,
         /// The agent's message.
+        message: String,
+    },
+    /// A `Sync` step failed in the guest (`Error` frame; the agent still tried the others).
+    /// `errno` is the first failed step's guest OS error (`EPERM` = 1: the agent is not root),
+    /// 0 for a protocol complaint, e.g. from an agent too old to know `Sync`.
+    #[error("the guest agent could not sync the guest: {message}")]
+    SyncFailed {
+        /// The guest's errno, 0 if none.
+        errno: i32,
+        /// The agent's message, naming every failed step.
         message: String,
     },
     /// [`exec_output`] got more than [`OUTPUT_LIMIT`] bytes on one stream.
@@ -474,14 +489,8 @@ fn read_answer(
             Some(Frame::Stderr(data)) => sink(true, &data)?,
             Some(Frame::Exit(code)) => return Ok(ExitStatus::Code(code)),
             Some(Frame::Signal(sig)) => return Ok(ExitStatus::Signal(sig)),
-            Some(Frame::Error { errno, mut message }) => {
-                if message.len() > MAX_ERROR_MESSAGE {
-                    let mut end = MAX_ERROR_MESSAGE;
-                    while !message.is_char_boundary(end) {
-                        end -= 1;
-                    }
-                    message.truncate(end);
-                }
+            Some(Frame::Error { errno, message }) => {
+                let message = bounded(message);
                 return Err(AgentError::Remote { errno, message });
             }
             Some(f) => return Err(protocol_error(ProtocolError::Unexpected(f.kind()))),
@@ -490,15 +499,122 @@ fn read_answer(
     }
 }
 
+/// An `Error` message from the guest, cut to [`MAX_ERROR_MESSAGE`] bytes.
+fn bounded(mut message: String) -> String {
+    if message.len() > MAX_ERROR_MESSAGE {
+        let mut end = MAX_ERROR_MESSAGE;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+    }
+    message
+}
+
+/// Syncs a guest just restored from a snapshot, through the VMM's Unix socket `uds` (agent on
+/// vsock `port`): connects, then does what [`sync_on_stream`] does. `timeout` bounds the
+/// whole call, connecting included.
+pub fn sync_guest(
+    uds: &Path,
+    port: u32,
+    realtime: SystemTime,
+    entropy: &[u8],
+    clone_id: Option<&str>,
+    timeout: Option<Duration>,
+) -> Result<(), AgentError> {
+    let start = Instant::now();
+    let deadline = deadline_after(timeout);
+    // A request that cannot be sent fails before anything is asked of the guest.
+    let request =
+        SyncRequest::new(realtime, entropy, clone_id).map_err(AgentError::InvalidRequest)?;
+    let stream = connect_by(uds, port, deadline)?;
+    sync_by(stream, request, start, deadline)
+}
+
+/// Syncs a guest just restored from a snapshot, on a stream already connected to its agent
+/// (see [`connect_when_ready`]; the stream is used up): the guest's `CLOCK_REALTIME` is set to
+/// `realtime` (pass `SystemTime::now()`; the time this call spends before sending is added),
+/// `entropy` ([`MIN_SYNC_ENTROPY`]..=[`MAX_SYNC_ENTROPY`] bytes, e.g. 64 from the host's
+/// `getrandom`; different for every clone) is added to the guest kernel's RNG, credited, and
+/// the RNG reseeded from it, and `clone_id` (1..=[`MAX_CLONE_ID`] bytes of `[A-Za-z0-9._-]`) is
+/// written to the guest's `/run/loft/clone-id`, or that file removed for `None`. Do it before
+/// the first command, so that nothing in the guest reads the stale clock or the RNG state
+/// shared with the other clones.
+///
+/// Errors: [`AgentError::InvalidRequest`] (nothing sent) for arguments out of those bounds;
+/// [`AgentError::SyncFailed`] when a step failed in the guest (or the agent does not know
+/// `Sync`); and the transport errors of [`exec_on_stream`]. `timeout` bounds the whole call.
+pub fn sync_on_stream(
+    stream: UnixStream,
+    realtime: SystemTime,
+    entropy: &[u8],
+    clone_id: Option<&str>,
+    timeout: Option<Duration>,
+) -> Result<(), AgentError> {
+    let start = Instant::now();
+    let request =
+        SyncRequest::new(realtime, entropy, clone_id).map_err(AgentError::InvalidRequest)?;
+    sync_by(stream, request, start, deadline_after(timeout))
+}
+
+fn sync_by(
+    stream: UnixStream,
+    mut request: SyncRequest,
+    start: Instant,
+    deadline: Option<Instant>,
+) -> Result<(), AgentError> {
+    // The guest's clock should read what the host's reads when the frame leaves.
+    request.realtime = request.realtime.saturating_add(start.elapsed());
+    let bytes = Frame::Sync(request)
+        .encode()
+        .map_err(AgentError::InvalidRequest)?;
+    let mut t = Timed {
+        stream: &stream,
+        deadline,
+    };
+    if let Err(e) = t.write_all(&bytes) {
+        let e = io_error(e);
+        if matches!(e, AgentError::Timeout) {
+            return Err(e);
+        }
+        // The agent may have answered (e.g. busy) and closed before reading it all.
+        return match read_sync_answer(&stream, deadline) {
+            Err(
+                answer @ (AgentError::SyncFailed { .. }
+                | AgentError::Protocol(_)
+                | AgentError::NoExitStatus
+                | AgentError::FrameTooLarge { .. }),
+            ) => Err(answer),
+            _ => Err(e),
+        };
+    }
+    read_sync_answer(&stream, deadline)
+}
+
+fn read_sync_answer(stream: &UnixStream, deadline: Option<Instant>) -> Result<(), AgentError> {
+    let mut r = Timed { stream, deadline };
+    match read_frame(&mut r, Peer::Agent).map_err(protocol_error)? {
+        Some(Frame::Synced) => Ok(()),
+        Some(Frame::Error { errno, message }) => Err(AgentError::SyncFailed {
+            errno,
+            message: bounded(message),
+        }),
+        Some(f) => Err(protocol_error(ProtocolError::Unexpected(f.kind()))),
+        None => Err(AgentError::NoExitStatus),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::guest::fake::Recorder;
+    use crate::guest::fake::{Call, Recorder};
+    use crate::guest::Step;
     use crate::server::handle_connection;
     use std::os::unix::net::UnixListener;
     use std::path::PathBuf;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
+    use std::time::UNIX_EPOCH;
 
     const PORT: u32 = 52;
     const LONG: Option<Duration> = Some(Duration::from_secs(30));
@@ -558,9 +674,14 @@ mod tests {
 
     /// A VMM with the real agent handler behind port 52.
     fn vmm_with_agent() -> FakeVmm {
-        fake_vmm("agent", |mut s, _| {
+        vmm_with_agent_ops(Arc::new(Recorder::default()))
+    }
+
+    /// A VMM with the real agent handler behind port 52, doing `Sync` steps through `ops`.
+    fn vmm_with_agent_ops(ops: Arc<Recorder>) -> FakeVmm {
+        fake_vmm("agent", move |mut s, _| {
             if accept_connect(&mut s) {
-                handle_connection(s.try_clone().unwrap(), s, &Recorder::default());
+                handle_connection(s.try_clone().unwrap(), s, &*ops);
             }
         })
     }
@@ -1059,5 +1180,176 @@ mod tests {
             }
             e => panic!("{e:?}"),
         }
+    }
+    const ENTROPY: [u8; 64] = [0xc3; 64];
+
+    /// Syncs through a socket pair whose other end is the real handler with `ops`.
+    fn sync_pair(
+        ops: Arc<Recorder>,
+        realtime: SystemTime,
+        id: Option<&str>,
+    ) -> Result<(), AgentError> {
+        let (host, agent) = UnixStream::pair().unwrap();
+        let handler =
+            thread::spawn(move || handle_connection(agent.try_clone().unwrap(), agent, &*ops));
+        let res = sync_on_stream(host, realtime, &ENTROPY, id, LONG);
+        handler.join().unwrap();
+        res
+    }
+
+    #[test]
+    fn sync_on_a_socketpair_reaches_every_step() {
+        let ops = Arc::new(Recorder::default());
+        let realtime = UNIX_EPOCH + Duration::new(1_760_000_000, 250_000_000);
+        sync_pair(ops.clone(), realtime, Some("clone-01")).unwrap();
+        let calls = ops.calls();
+        assert_eq!(calls.len(), 4, "{calls:?}");
+        // The clock sent is the one given plus the (short) time the call took to send it.
+        match calls[0] {
+            Call::Clock(sent) => {
+                let given = Duration::new(1_760_000_000, 250_000_000);
+                assert!(
+                    sent >= given && sent < given + Duration::from_secs(5),
+                    "{sent:?}"
+                );
+            }
+            ref c => panic!("{c:?}"),
+        }
+        assert_eq!(calls[1], Call::Entropy(ENTROPY.to_vec()));
+        assert_eq!(calls[2], Call::Reseed);
+        assert_eq!(calls[3], Call::CloneId(Some("clone-01".into())));
+    }
+
+    #[test]
+    fn sync_guest_through_the_vmm_socket() {
+        let ops = Arc::new(Recorder::default());
+        let vmm = vmm_with_agent_ops(ops.clone());
+        sync_guest(&vmm.path, PORT, SystemTime::now(), &ENTROPY, None, LONG).unwrap();
+        assert_eq!(ops.calls()[3], Call::CloneId(None));
+        // Refused port: nothing was synced.
+        let err = sync_guest(&vmm.path, 53, SystemTime::now(), &ENTROPY, None, LONG).unwrap_err();
+        assert!(matches!(err, AgentError::Refused { port: 53 }), "{err:?}");
+        assert_eq!(ops.calls().len(), 4);
+    }
+
+    #[test]
+    fn failed_sync_is_a_sync_error_with_the_guest_errno() {
+        let ops = Arc::new(Recorder::failing(&[
+            (Step::Clock, libc::EPERM),
+            (Step::CloneId, libc::EROFS),
+        ]));
+        let err = sync_pair(ops.clone(), SystemTime::now(), Some("x")).unwrap_err();
+        match err {
+            AgentError::SyncFailed { errno, ref message } => {
+                assert_eq!(errno, libc::EPERM);
+                assert!(
+                    message.contains("clock") && message.contains("clone id"),
+                    "{message}"
+                );
+            }
+            ref e => panic!("{e:?}"),
+        }
+        assert!(err.to_string().contains("sync"), "{err}");
+        assert_eq!(ops.calls().len(), 4);
+    }
+
+    #[test]
+    fn invalid_sync_arguments_are_refused_locally() {
+        // No VMM at all: the request fails before any connection is tried.
+        let path = sock_path("none");
+        let now = SystemTime::now();
+        let short = [0u8; MIN_SYNC_ENTROPY - 1];
+        let long = [0u8; MAX_SYNC_ENTROPY + 1];
+        let cases: [(SystemTime, &[u8], Option<&str>); 6] = [
+            (now, &short, None),
+            (now, &long, None),
+            (now, &ENTROPY, Some("")),
+            (now, &ENTROPY, Some("no spaces")),
+            (now, &ENTROPY, Some(&"x".repeat(MAX_CLONE_ID + 1))),
+            (UNIX_EPOCH - Duration::from_secs(1), &ENTROPY, None),
+        ];
+        for (realtime, entropy, id) in cases {
+            let err = sync_guest(&path, PORT, realtime, entropy, id, LONG).unwrap_err();
+            assert!(matches!(err, AgentError::InvalidRequest(_)), "{err:?}");
+        }
+        // On a stream: nothing is written to it.
+        let (host, mut agent) = UnixStream::pair().unwrap();
+        let err = sync_on_stream(host, now, &short, None, LONG).unwrap_err();
+        assert!(matches!(err, AgentError::InvalidRequest(_)), "{err:?}");
+        let mut rest = Vec::new();
+        agent.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+    }
+
+    /// Syncs against an agent that answers `bytes`; returns the error and how long it took.
+    fn hostile_sync(bytes: Vec<u8>, close: bool) -> (AgentError, Duration) {
+        let vmm = vmm_with_hostile_agent(bytes, close);
+        let t = Instant::now();
+        let res = sync_guest(
+            &vmm.path,
+            PORT,
+            SystemTime::now(),
+            &ENTROPY,
+            None,
+            Some(SHORT),
+        );
+        (res.unwrap_err(), t.elapsed())
+    }
+
+    #[test]
+    fn hostile_answers_to_sync_are_typed_errors() {
+        // An exec answer is no sync answer.
+        let (err, _) = hostile_sync(Frame::Exit(0).encode().unwrap(), false);
+        assert!(
+            matches!(
+                err,
+                AgentError::Protocol(ProtocolError::Unexpected(Kind::Exit))
+            ),
+            "{err:?}"
+        );
+        // Synced with a payload: refused from its header.
+        let mut bad = header(Kind::Synced, 4).to_vec();
+        bad.extend_from_slice(&[0; 4]);
+        let (err, took) = hostile_sync(bad, false);
+        assert!(
+            matches!(
+                err,
+                AgentError::Protocol(ProtocolError::Malformed {
+                    kind: Kind::Synced,
+                    ..
+                })
+            ),
+            "{err:?}"
+        );
+        assert!(took < SHORT);
+        let (err, took) = hostile_sync(header(Kind::Error, u32::MAX).to_vec(), false);
+        assert!(matches!(err, AgentError::FrameTooLarge { .. }), "{err:?}");
+        assert!(took < SHORT);
+        // An agent that does not know Sync answers a protocol complaint.
+        let old = Frame::Error {
+            errno: 0,
+            message: "unknown frame kind 0x04".into(),
+        };
+        let (err, _) = hostile_sync(old.encode().unwrap(), true);
+        assert!(
+            matches!(err, AgentError::SyncFailed { errno: 0, ref message } if message.contains("0x04")),
+            "{err:?}"
+        );
+        let long = Frame::Error {
+            errno: 5,
+            message: "e".repeat(100_000),
+        };
+        match hostile_sync(long.encode().unwrap(), false).0 {
+            AgentError::SyncFailed { errno: 5, message } => {
+                assert_eq!(message.len(), MAX_ERROR_MESSAGE)
+            }
+            e => panic!("{e:?}"),
+        }
+        // Closed without an answer; silent.
+        let (err, _) = hostile_sync(Vec::new(), true);
+        assert!(matches!(err, AgentError::NoExitStatus), "{err:?}");
+        let (err, took) = hostile_sync(Vec::new(), false);
+        assert!(matches!(err, AgentError::Timeout), "{err:?}");
+        assert!(took >= SHORT && took < SHORT * 4, "took {took:?}");
     }
 }
