@@ -1,7 +1,7 @@
 //! Per-vCPU CPUID: what KVM supports, with each vCPU's APIC id and the VM's topology filled in
 //! and the hypervisor bit set, so the guest finds KVM (kvm-clock) and brings up every vCPU.
 
-use kvm_bindings::CpuId;
+use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 
 const LEAF_FEATURES: u32 = 0x1;
 const LEAF_CACHE_PARAMS: u32 = 0x4;
@@ -82,6 +82,52 @@ pub fn adjust(cpuid: &mut CpuId, cpu_id: u8, cpu_count: u8, tsc_deadline: bool) 
     }
 }
 
+/// Who made a CPU and which one it is, as CPUID leaves 0 and 1 say.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CpuSignature {
+    /// The vendor string: `GenuineIntel`, `AuthenticAMD`, ...
+    pub vendor: String,
+    /// The family, with the extended family added as the SDM says.
+    pub family: u32,
+    /// The model, with the extended model added as the SDM says.
+    pub model: u32,
+    /// The stepping.
+    pub stepping: u32,
+}
+
+/// Decodes vendor, family, model and stepping from CPUID entries (leaves 0 and 1, index 0).
+pub fn signature(entries: &[kvm_cpuid_entry2]) -> Option<CpuSignature> {
+    let leaf = |function: u32| {
+        entries
+            .iter()
+            .find(|e| e.function == function && e.index == 0)
+    };
+    let vendor_leaf = leaf(0)?;
+    let mut vendor = Vec::with_capacity(12);
+    for reg in [vendor_leaf.ebx, vendor_leaf.edx, vendor_leaf.ecx] {
+        vendor.extend_from_slice(&reg.to_le_bytes());
+    }
+    let eax = leaf(LEAF_FEATURES)?.eax;
+    let base_family = (eax >> 8) & 0xf;
+    let family = if base_family == 0xf {
+        base_family + ((eax >> 20) & 0xff)
+    } else {
+        base_family
+    };
+    let mut model = (eax >> 4) & 0xf;
+    if base_family == 0x6 || base_family == 0xf {
+        model |= ((eax >> 16) & 0xf) << 4;
+    }
+    Some(CpuSignature {
+        vendor: String::from_utf8_lossy(&vendor)
+            .trim_end_matches('\0')
+            .to_owned(),
+        family,
+        model,
+        stepping: eax & 0xf,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,6 +173,35 @@ mod tests {
         assert_eq!((e[4].ebx, e[4].ecx), (0, 2));
         assert_eq!(e[5].eax, 0);
         assert_eq!(e[6].edx, 0, "no invariant TSC");
+    }
+
+    #[test]
+    fn signature_decodes_vendor_family_model_stepping() {
+        let vendor = kvm_cpuid_entry2 {
+            function: 0,
+            ebx: u32::from_le_bytes(*b"Genu"),
+            edx: u32::from_le_bytes(*b"ineI"),
+            ecx: u32::from_le_bytes(*b"ntel"),
+            ..Default::default()
+        };
+        // Family 6, extended model 8, model 0xf, stepping 8: a Sapphire Rapids (0x8f).
+        let leaf1 = kvm_cpuid_entry2 {
+            function: 1,
+            eax: 0x0008_06f8,
+            ..Default::default()
+        };
+        let sig = signature(&[vendor, leaf1]).unwrap();
+        assert_eq!(sig.vendor, "GenuineIntel");
+        assert_eq!((sig.family, sig.model, sig.stepping), (6, 0x8f, 8));
+        // AMD family 0x19: base family 0xf plus extended family 0xa.
+        let zen = kvm_cpuid_entry2 {
+            function: 1,
+            eax: 0x00a0_0f11,
+            ..Default::default()
+        };
+        let sig = signature(&[vendor, zen]).unwrap();
+        assert_eq!((sig.family, sig.model, sig.stepping), (0x19, 1, 1));
+        assert_eq!(signature(&[leaf1]), None, "no leaf 0");
     }
 
     #[test]
