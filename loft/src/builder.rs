@@ -27,6 +27,7 @@ use crate::host::KvmFlavour;
 use crate::loader::{self, KernelImage, LoadedKernel};
 use crate::stop::StopNotifier;
 use crate::vmm::Vmm;
+use crate::vstate::control::VcpuControl;
 use crate::vstate::vcpu::{self, Vcpu, VcpuContext};
 use crate::vstate::{memory, vm};
 use crate::Error;
@@ -289,6 +290,7 @@ fn create_vcpus(
         tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
         count: count as u8,
         timeline: shared.timeline.clone(),
+        control: VcpuControl::new(kvm, count as u8),
     };
     let vcpus = (0..count as u8)
         .map(|id| Vcpu::new(&ctx, id, entry))

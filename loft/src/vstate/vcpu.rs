@@ -12,15 +12,22 @@ use loft_devices::Bus;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
+use super::control::VcpuControl;
+use super::vcpu_state::{self, VcpuState, VcpuStateError};
 use crate::arch::x86_64::{cpuid, msrs, regs};
 use crate::boot_timer::Timeline;
 use crate::stop::{StopNotifier, StopReason};
+
+/// How many `KVM_RUN`s a pausing vCPU may take to complete a pending MMIO or port access (a
+/// string or page-crossing access can need several exits): past that it runs on and pauses on
+/// a later kick.
+const MAX_COMPLETION_RUNS: u32 = 64;
 
 /// Errors setting up a vCPU.
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
     /// KVM refused to create the vCPU.
-    #[error("cannot create vCPU {id}: {source}")]
+    #[error("cannot create vCPU {id}")]
     Create {
         /// vCPU index.
         id: u8,
@@ -28,7 +35,7 @@ pub enum VcpuError {
         source: kvm_ioctls::Error,
     },
     /// KVM refused the CPUID.
-    #[error("cannot set CPUID of vCPU {id}: {source}")]
+    #[error("cannot set CPUID of vCPU {id}")]
     Cpuid {
         /// vCPU index.
         id: u8,
@@ -36,7 +43,7 @@ pub enum VcpuError {
         source: kvm_ioctls::Error,
     },
     /// KVM refused the MSRs.
-    #[error("cannot set MSRs of vCPU {id}: {source}")]
+    #[error("cannot set MSRs of vCPU {id}")]
     Msrs {
         /// vCPU index.
         id: u8,
@@ -44,16 +51,24 @@ pub enum VcpuError {
         source: kvm_ioctls::Error,
     },
     /// Registers, segments, FPU or LAPIC.
-    #[error("vCPU {id}: {source}")]
+    #[error("cannot set the initial state of vCPU {id}")]
     Regs {
         /// vCPU index.
         id: u8,
         /// The cause.
         source: regs::RegsError,
     },
+    /// A saved state could not be given to the vCPU.
+    #[error("cannot restore the state of vCPU {id}")]
+    Restore {
+        /// vCPU index.
+        id: u8,
+        /// The cause.
+        source: VcpuStateError,
+    },
     /// The kick signal could not be installed.
-    #[error("cannot install the vCPU kick signal handler: {0}")]
-    Signal(vmm_sys_util::errno::Error),
+    #[error("cannot install the vCPU kick signal handler")]
+    Signal(#[source] vmm_sys_util::errno::Error),
 }
 
 /// The signal that kicks a vCPU thread out of `KVM_RUN`.
@@ -85,8 +100,19 @@ pub struct Vcpu {
     mem: GuestMemoryMmap,
     stop: Arc<AtomicBool>,
     notifier: Arc<StopNotifier>,
+    control: Arc<VcpuControl>,
     unknown_accesses: u32,
     timeline: Option<Arc<Timeline>>,
+}
+
+/// What one `KVM_RUN` came to.
+enum Outcome {
+    /// An exit was handled: run again.
+    Handled,
+    /// `KVM_RUN` was interrupted (the kick signal, or `immediate_exit`).
+    Interrupted,
+    /// The VM must stop.
+    Stop(StopReason),
 }
 
 /// What the VM shares with each of its vCPUs.
@@ -111,6 +137,8 @@ pub struct VcpuContext<'a> {
     pub count: u8,
     /// Where vCPU 0 marks its first entry into the guest.
     pub timeline: Arc<Timeline>,
+    /// Pause, save and resume, shared with the VMM.
+    pub control: Arc<VcpuControl>,
 }
 
 impl Vcpu {
@@ -142,7 +170,25 @@ impl Vcpu {
             regs::setup_sregs(ctx.mem, &fd, entry).map_err(r)?;
             regs::setup_regs(&fd, entry).map_err(r)?;
         }
-        Ok(Self {
+        Ok(Self::with_fd(ctx, id, fd))
+    }
+
+    /// Creates vCPU `id` with a saved state instead of the boot state. Guest memory must be
+    /// registered with the VM already, and `state` must come from vCPU `id` of the saved VM.
+    // Called by the VMM's restore path, which is being written.
+    #[allow(dead_code)]
+    pub fn restore(ctx: &VcpuContext<'_>, id: u8, state: &VcpuState) -> Result<Self, VcpuError> {
+        let fd = ctx
+            .vm
+            .create_vcpu(u64::from(id))
+            .map_err(|source| VcpuError::Create { id, source })?;
+        vcpu_state::restore(&fd, ctx.vm, state)
+            .map_err(|source| VcpuError::Restore { id, source })?;
+        Ok(Self::with_fd(ctx, id, fd))
+    }
+
+    fn with_fd(ctx: &VcpuContext<'_>, id: u8, fd: VcpuFd) -> Self {
+        Self {
             id,
             fd,
             pio: ctx.pio.clone(),
@@ -150,9 +196,10 @@ impl Vcpu {
             mem: ctx.mem.clone(),
             stop: ctx.stop.clone(),
             notifier: ctx.notifier.clone(),
+            control: ctx.control.clone(),
             unknown_accesses: 0,
             timeline: (id == 0).then(|| ctx.timeline.clone()),
-        })
+        }
     }
 
     fn note_unknown(&mut self, what: &str, addr: u64) {
@@ -170,8 +217,11 @@ impl Vcpu {
         }
     }
 
-    /// Runs the vCPU until the VM stops. Every way out reports a reason to the notifier.
+    /// Runs the vCPU until the VM stops, pausing whenever its [`VcpuControl`] asks. Every way
+    /// out but the stop flag reports a reason to the notifier.
     pub fn run(mut self) {
+        let control = self.control.clone();
+        let _running = control.register(self.id);
         if let Some(t) = self.timeline.take() {
             t.mark(|t| &mut t.first_entry);
         }
@@ -179,16 +229,77 @@ impl Vcpu {
             if self.stop.load(Ordering::Acquire) {
                 return;
             }
-            let outcome = self.run_once();
-            if let Some(reason) = outcome {
+            if control.pause_requested() {
+                if let Err(reason) = self.pause(&control) {
+                    self.notifier.notify(reason);
+                    return;
+                }
+                continue;
+            }
+            if let Outcome::Stop(reason) = self.run_once() {
                 self.notifier.notify(reason);
                 return;
             }
         }
     }
 
-    /// One `KVM_RUN`. Returns a reason when the VM must stop.
-    fn run_once(&mut self) -> Option<StopReason> {
+    /// Pauses this vCPU: completes any MMIO or port access the guest waits for, then parks
+    /// until resumed or stopped, saving its state when asked. An error is a reason to stop the
+    /// VM that came up while completing the access.
+    fn pause(&mut self, control: &VcpuControl) -> Result<(), StopReason> {
+        if !self.complete_pending_io()? {
+            log::warn!(
+                "vCPU {}: access still pending after {MAX_COMPLETION_RUNS} runs; pausing later",
+                self.id
+            );
+            return Ok(());
+        }
+        let stop = self.stop.clone();
+        let resumed = control.park(self.id, &stop, || self.save_state());
+        if resumed {
+            // The guest was stopped for a while: tell its kvmclock, as after a restore.
+            vcpu_state::notify_paused(&self.fd);
+        }
+        Ok(())
+    }
+
+    /// Completes an MMIO or port access left pending by the last exit: after a read exit, the
+    /// value only reaches the guest's register when `KVM_RUN` is entered again. With
+    /// `immediate_exit` set, `KVM_RUN` completes it and returns EINTR without running guest
+    /// code. Returns false when the vCPU kept exiting for more accesses.
+    fn complete_pending_io(&mut self) -> Result<bool, StopReason> {
+        self.fd.set_kvm_immediate_exit(1);
+        let mut result = Ok(false);
+        for _ in 0..MAX_COMPLETION_RUNS {
+            match self.run_once() {
+                Outcome::Handled => {}
+                Outcome::Interrupted => {
+                    result = Ok(true);
+                    break;
+                }
+                Outcome::Stop(reason) => {
+                    result = Err(reason);
+                    break;
+                }
+            }
+        }
+        self.fd.set_kvm_immediate_exit(0);
+        result
+    }
+
+    /// The KVM vCPU, for tests.
+    #[cfg(test)]
+    pub(super) fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// Reads this vCPU's state (on its own thread, while paused).
+    pub fn save_state(&self) -> Result<VcpuState, VcpuStateError> {
+        vcpu_state::save(&self.fd, self.control.spec())
+    }
+
+    /// One `KVM_RUN` and the handling of its exit.
+    fn run_once(&mut self) -> Outcome {
         let id = self.id;
         let mut unknown = None;
         let reason = match self.fd.run() {
@@ -237,13 +348,14 @@ impl Vcpu {
                     code: Vec::new(),
                 }),
                 VcpuExit::FailEntry(reason, _) => Some(StopReason::FailEntry { cpu: id, reason }),
-                VcpuExit::Intr => None,
+                VcpuExit::Intr => return Outcome::Interrupted,
                 other => Some(StopReason::VcpuError {
                     cpu: id,
                     message: format!("unexpected KVM exit {other:?}"),
                 }),
             },
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+            Err(e) if e.errno() == libc::EINTR => return Outcome::Interrupted,
+            Err(e) if e.errno() == libc::EAGAIN => None,
             Err(e) => Some(StopReason::VcpuError {
                 cpu: id,
                 message: format!("KVM_RUN failed: {e}"),
@@ -253,8 +365,9 @@ impl Vcpu {
             self.note_unknown(what, addr);
         }
         match reason {
-            Some(StopReason::InternalError { .. }) => Some(self.internal_error()),
-            other => other,
+            Some(StopReason::InternalError { .. }) => Outcome::Stop(self.internal_error()),
+            Some(other) => Outcome::Stop(other),
+            None => Outcome::Handled,
         }
     }
 
