@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use loft::{
-    DiskConfig, ExecRequest, ExitStatus, MemSize, NetConfig, VmBuilder, VmHandle, VsockConfig,
+    DiskConfig, ExecRequest, ExitStatus, MemSize, NetConfig, Snapshot, VmBuilder, VmHandle,
+    VsockConfig,
 };
 use terminal::RawTerminal;
 
@@ -25,11 +26,61 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Boot a guest with its serial console on this terminal; exits when the guest does.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
+    /// Save a running guest to a directory, or say what a saved one holds.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum SnapshotCommand {
+    /// Boot a guest, wait until its agent answers (or the console prints TEXT), save it to DIR
+    /// and stop it.
+    Create(Box<CreateArgs>),
+    /// Print what the snapshot in DIR holds.
+    Inspect {
+        /// The snapshot directory.
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Args, Debug)]
+struct CreateArgs {
+    /// Where the snapshot goes (created when missing; an older snapshot there is replaced).
+    #[arg(value_name = "DIR")]
+    dir: PathBuf,
+    /// Take the snapshot when the guest's console prints TEXT, instead of when its agent
+    /// answers.
+    #[arg(long, value_name = "TEXT")]
+    when_console: Option<String>,
+    #[command(flatten)]
+    vm: VmArgs,
 }
 
 #[derive(Args, Debug)]
 struct RunArgs {
+    /// Restore the guest saved in DIR (by `loft snapshot create`) instead of booting one: it
+    /// continues where it was. --disk, --net and --vsock may name new host resources;
+    /// other VM options must match the snapshot.
+    #[arg(long, value_name = "DIR")]
+    restore: Option<PathBuf>,
+    #[command(flatten)]
+    vm: VmArgs,
+    /// At exit, print one line to stderr with the wall and CPU milliseconds (since loft started)
+    /// at which the VM was built, first entered, the guest reached init and user space, asked
+    /// to stop, and loft was done
+    #[arg(long)]
+    boot_timer: bool,
+    /// Run this command in the guest (through its agent) instead of showing its console:
+    /// its stdout and stderr become loft's, and loft exits with its exit code
+    #[arg(last = true, value_name = "CMD")]
+    command: Vec<String>,
+}
+
+/// What the VM is made of.
+#[derive(Args, Debug)]
+struct VmArgs {
     /// Guest kernel: an ELF vmlinux or a bzImage [default: the guest built by firmware/build.sh]
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
@@ -39,12 +90,12 @@ struct RunArgs {
     /// Extra kernel command line; words after " -- " are passed to the guest's init
     #[arg(long, value_name = "STR", default_value = "")]
     cmdline: String,
-    /// Number of vCPUs
-    #[arg(long, value_name = "N", default_value_t = 1)]
-    cpus: u32,
-    /// Guest memory, e.g. 256M or 1G (a bare number is MiB)
-    #[arg(long, value_name = "SIZE", default_value = "128M")]
-    memory: MemSize,
+    /// Number of vCPUs [default: 1]
+    #[arg(long, value_name = "N")]
+    cpus: Option<u32>,
+    /// Guest memory, e.g. 256M or 1G (a bare number is MiB) [default: 128M]
+    #[arg(long, value_name = "SIZE")]
+    memory: Option<MemSize>,
     /// A raw disk image as a virtio-blk disk (repeatable; the first disk is /dev/vda)
     #[arg(long, value_name = "PATH[,readonly]")]
     disk: Vec<DiskConfig>,
@@ -58,25 +109,18 @@ struct RunArgs {
     /// convention: connect, write "CONNECT PORT")
     #[arg(long, value_name = "cid=N,uds=PATH")]
     vsock: Option<VsockConfig>,
-    /// At exit, print one line to stderr with the wall and CPU milliseconds (since loft started)
-    /// at which the VM was built, first entered, the guest reached init and user space, asked
-    /// to stop, and loft was done
-    #[arg(long)]
-    boot_timer: bool,
-    /// Run this command in the guest (through its agent) instead of showing its console:
-    /// its stdout and stderr become loft's, and loft exits with its exit code
-    #[arg(last = true, value_name = "CMD")]
-    command: Vec<String>,
 }
 
 /// The VM `args` describe. The defaults (the bundled guest, `--root` as the first disk with
 /// `root=/dev/vda rw`) are the library's, so `loft run` and an embedder get the same VM.
-fn vm_builder(args: &RunArgs, started: Instant) -> VmBuilder {
-    let mut b = VmBuilder::new()
-        .cpus(args.cpus)
-        .memory(args.memory)
-        .cmdline(&args.cmdline)
-        .times_from(started);
+fn vm_builder(args: &VmArgs, started: Instant) -> VmBuilder {
+    let mut b = VmBuilder::new().cmdline(&args.cmdline).times_from(started);
+    if let Some(n) = args.cpus {
+        b = b.cpus(n);
+    }
+    if let Some(m) = args.memory {
+        b = b.memory(m);
+    }
     if let Some(k) = &args.kernel {
         b = b.kernel(k);
     }
@@ -136,10 +180,20 @@ fn stop_on_signal<T>(vm: &VmHandle, body: impl FnOnce() -> T) -> T {
     })
 }
 
-/// `loft run … -- CMD ARGS`: boots the guest, runs the command through the guest agent with its
-/// output on loft's stdout and stderr, stops the guest, and returns the command's exit code.
+/// The VM `loft run` starts: `args.vm` booted, or restored from `--restore DIR`.
+fn run_builder(args: &RunArgs, started: Instant) -> Result<VmBuilder, loft::Error> {
+    let builder = vm_builder(&args.vm, started);
+    Ok(match &args.restore {
+        Some(dir) => builder.restore_from(Snapshot::open(dir)?),
+        None => builder,
+    })
+}
+
+/// `loft run … -- CMD ARGS`: boots (or restores) the guest, runs the command through the guest
+/// agent with its output on loft's stdout and stderr, stops the guest, and returns the
+/// command's exit code.
 fn run_command(args: RunArgs, started: Instant) -> Result<u8, loft::Error> {
-    let vm = vm_builder(&args, started).capture_console().start()?;
+    let vm = run_builder(&args, started)?.capture_console().start()?;
     let result = stop_on_signal(&vm, || {
         let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
         vm.exec_streaming(
@@ -178,11 +232,13 @@ fn run_command(args: RunArgs, started: Instant) -> Result<u8, loft::Error> {
 
 /// `loft run`: the guest's console on this terminal until the guest stops.
 fn run(args: RunArgs, started: Instant) -> Result<loft::StopReason, loft::Error> {
-    let mut builder = vm_builder(&args, started)
-        .without_agent()
+    let mut builder = run_builder(&args, started)?
         .console_writer(std::io::stdout())
         .stdin_console();
-    if std::io::stdin().is_terminal() {
+    if args.restore.is_none() {
+        builder = builder.without_agent();
+    }
+    if args.restore.is_none() && std::io::stdin().is_terminal() {
         // A person is at the console: the bundled guest's init gives them a shell when there is
         // no command to run.
         builder = builder.cmdline("loft_shell=1");
@@ -197,6 +253,72 @@ fn run(args: RunArgs, started: Instant) -> Result<loft::StopReason, loft::Error>
         eprintln!("loft-boot-timer: {}", vm.boot_times());
     }
     result
+}
+
+/// `loft snapshot create DIR …`: boots the guest, waits until it is ready (its agent answers, or
+/// the console prints the text asked for), saves it to DIR and stops it.
+fn snapshot_create(args: CreateArgs, started: Instant) -> Result<(), loft::Error> {
+    let mut builder = vm_builder(&args.vm, started);
+    let seen = std::sync::Arc::new(ConsoleWatch::new(args.when_console.clone()));
+    if args.when_console.is_some() {
+        let watch = seen.clone();
+        builder = builder.console_callback(move |bytes| watch.feed(bytes));
+    } else {
+        builder = builder.capture_console();
+    }
+    let vm = builder.start()?;
+    let ready = stop_on_signal(&vm, || match &args.when_console {
+        Some(_) => seen.wait(&vm),
+        None => vm.wait_for_agent().map(|()| true),
+    })?;
+    if !ready {
+        let reason = vm.wait()?;
+        return Err(loft::Error::StoppedBeforeReady(reason));
+    }
+    let info = vm.snapshot_and_stop(&args.dir)?;
+    println!("{info}");
+    Ok(())
+}
+
+/// Watches the console for a text, across writes.
+struct ConsoleWatch {
+    text: Option<String>,
+    tail: std::sync::Mutex<(Vec<u8>, bool)>,
+}
+
+impl ConsoleWatch {
+    fn new(text: Option<String>) -> Self {
+        Self {
+            text,
+            tail: std::sync::Mutex::new((Vec::new(), false)),
+        }
+    }
+
+    fn feed(&self, bytes: &[u8]) {
+        let Some(text) = &self.text else { return };
+        let mut t = self.tail.lock().unwrap_or_else(|e| e.into_inner());
+        t.0.extend_from_slice(bytes);
+        if t.0.windows(text.len()).any(|w| w == text.as_bytes()) {
+            t.1 = true;
+        }
+        // Keep only what a match spanning the next write could need.
+        let keep = text.len().saturating_sub(1);
+        let cut = t.0.len().saturating_sub(keep);
+        t.0.drain(..cut);
+    }
+
+    /// Waits until the text was seen (true) or the VM stopped (false).
+    fn wait(&self, vm: &VmHandle) -> Result<bool, loft::Error> {
+        loop {
+            if self.tail.lock().unwrap_or_else(|e| e.into_inner()).1 {
+                return Ok(true);
+            }
+            if vm.is_finished() {
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
 }
 
 /// Prints an error and its chain of causes on one line: `loft: error: what: why: …`. Each
@@ -235,14 +357,33 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Run(args) if !args.command.is_empty() => match run_command(args, started) {
+        Command::Snapshot(SnapshotCommand::Create(args)) => match snapshot_create(*args, started) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                report(&e);
+                ExitCode::FAILURE
+            }
+        },
+        Command::Snapshot(SnapshotCommand::Inspect { dir }) => {
+            match Snapshot::open(&dir).map(|s| s.info()) {
+                Ok(info) => {
+                    println!("{info}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    report(&e);
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Run(args) if !args.command.is_empty() => match run_command(*args, started) {
             Ok(code) => ExitCode::from(code),
             Err(e) => {
                 report(&e);
                 ExitCode::FAILURE
             }
         },
-        Command::Run(args) => match run(args, started) {
+        Command::Run(args) => match run(*args, started) {
             Ok(reason) if reason.is_clean() => {
                 log::debug!("guest stopped: {reason}");
                 ExitCode::SUCCESS

@@ -49,6 +49,9 @@ pub struct BootTimes {
     pub stop_request: Option<Mark>,
     /// loft stopped the VM and is done.
     pub exit: Option<Mark>,
+    /// The VM was restored from a snapshot (it is then never "built" and its guest boots no
+    /// more: `vm_built`, `kernel_init` and `user_init` stay unset).
+    pub restored: Option<Mark>,
 }
 
 impl fmt::Display for BootTimes {
@@ -62,6 +65,13 @@ impl fmt::Display for BootTimes {
             ("stop_request", self.stop_request),
             ("exit", self.exit),
         ];
+        let phases = if self.restored.is_some() {
+            let mut with = phases.to_vec();
+            with.insert(1, ("restored", self.restored));
+            with
+        } else {
+            phases.to_vec()
+        };
         for (i, (name, mark)) in phases.iter().enumerate() {
             if i > 0 {
                 f.write_str(" ")?;

@@ -4,7 +4,7 @@
 //! ones it shares with a boot.
 
 use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Cap, Kvm, VmFd};
@@ -20,15 +20,19 @@ use crate::arch::x86_64::boot_params::InitrdPlacement;
 use crate::arch::x86_64::regs::EntryPoint;
 use crate::arch::x86_64::{boot_params, layout, mptable};
 use crate::boot_timer::Timeline;
-use crate::config::{ConfigError, VmConfig};
-use crate::device_manager::{DeviceManager, DeviceManagerError, LegacyDevices};
+use crate::config::{default_kvm_device, ConfigError, VmConfig};
+use crate::device_manager::{DeviceManager, DeviceManagerError, DeviceOverrides, LegacyDevices};
 use crate::event_loop::EventLoop;
 use crate::host::KvmFlavour;
 use crate::loader::{self, KernelImage, LoadedKernel};
+use crate::snapshot::{self, MachineConfig, Snapshot, SnapshotError};
 use crate::stop::StopNotifier;
-use crate::vmm::Vmm;
+use crate::vmm::{Vmm, VmmParts};
 use crate::vstate::control::VcpuControl;
+use crate::vstate::host_facts::{self, HostFacts};
 use crate::vstate::vcpu::{self, Vcpu, VcpuContext};
+use crate::vstate::vcpu_state::VcpuState;
+use crate::vstate::vm_state::{self, ClockMode};
 use crate::vstate::{memory, vm};
 use crate::Error;
 
@@ -36,6 +40,7 @@ use crate::Error;
 /// to `console`, and the phases are recorded in `timeline`.
 pub fn build_microvm_for_boot(
     config: &VmConfig,
+    machine: MachineConfig,
     console: ConsoleOut,
     timeline: Arc<Timeline>,
 ) -> Result<Vmm, Error> {
@@ -51,13 +56,22 @@ pub fn build_microvm_for_boot(
     let flavour = KvmFlavour::detect();
     write_boot_structures(config, &mem, &devices, flavour, &loaded, initrd_at)?;
     let stop = Arc::new(AtomicBool::new(false));
-    let ctx = VcpuShared {
-        devices,
+    let control = VcpuControl::new(&kvm, config.cpus as u8);
+    let shared = VcpuShared {
+        devices: &devices,
         notifier: &notifier,
         stop: &stop,
         timeline: &timeline,
+        control: &control,
     };
-    let vcpus = create_vcpus(config.cpus, &kvm, &vm_fd, &mem, ctx, loaded.entry)?;
+    let vcpus = create_vcpus(
+        config.cpus,
+        &kvm,
+        &vm_fd,
+        &mem,
+        &shared,
+        VcpuInit::Boot(loaded.entry),
+    )?;
     if flavour.guest_cmdline().is_some() {
         log::info!(
             "host KVM is {}: added its guest kernel parameters (clearcpuid=...) to the command line",
@@ -65,17 +79,103 @@ pub fn build_microvm_for_boot(
         );
     }
     timeline.mark(|t| &mut t.vm_built);
-    Ok(Vmm {
+    Ok(Vmm::new(VmmParts {
         vcpus,
         event_loop,
         notifier,
         stop,
+        control,
         legacy,
+        devices,
         vm: vm_fd,
         kvm,
         mem,
+        machine,
         timeline,
-    })
+    }))
+}
+
+/// Builds a VM that continues where `snapshot` was taken: its memory mapped from the snapshot's
+/// memory file, the interrupt controllers, clock, devices and vCPUs set from its state. The
+/// host resources come from `overrides` where it names them, else from the snapshot.
+pub fn build_microvm_from_snapshot(
+    snapshot: &Snapshot,
+    overrides: &DeviceOverrides,
+    console: ConsoleOut,
+    timeline: Arc<Timeline>,
+) -> Result<Vmm, Error> {
+    let state = snapshot.state();
+    let machine = state.machine.clone();
+    let kvm = open_kvm_for(&default_kvm_device(), machine.cpus)?;
+    host_facts::check_compatible(&state.host, host_facts_of(&kvm)?).map_err(SnapshotError::Host)?;
+    let mem = snapshot::memory::map(&snapshot.memory_path(), machine.memory, &state.memory)
+        .map_err(SnapshotError::Memory)?;
+    let vm_fd = create_vm(&kvm, &mem)?;
+    vm_state::restore_with_clock(&vm_fd, &state.vm, ClockMode::Continue)
+        .map_err(SnapshotError::VmState)?;
+    let mut event_loop = EventLoop::new().map_err(Error::EventLoop)?;
+    let notifier = Arc::new(StopNotifier::new().map_err(sys("create the stop event"))?);
+    let mut devices = DeviceManager::new();
+    let reset_evt = notifier
+        .event()
+        .try_clone()
+        .map_err(sys("clone the stop event"))?;
+    let legacy = LegacyDevices::restore(&vm_fd, console, reset_evt, &timeline, &state.devices)?;
+    devices.add_legacy(&legacy)?;
+    devices.restore_virtio(
+        &vm_fd,
+        &mem,
+        &mut event_loop,
+        &state.devices.virtio,
+        overrides,
+    )?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let control = VcpuControl::new(&kvm, machine.cpus as u8);
+    let shared = VcpuShared {
+        devices: &devices,
+        notifier: &notifier,
+        stop: &stop,
+        timeline: &timeline,
+        control: &control,
+    };
+    let vcpus = create_vcpus(
+        machine.cpus,
+        &kvm,
+        &vm_fd,
+        &mem,
+        &shared,
+        VcpuInit::Restore(&state.vcpus),
+    )?;
+    timeline.mark(|t| &mut t.restored);
+    Ok(Vmm::new(VmmParts {
+        vcpus,
+        event_loop,
+        notifier,
+        stop,
+        control,
+        legacy,
+        devices,
+        vm: vm_fd,
+        kvm,
+        mem,
+        machine,
+        timeline,
+    }))
+}
+
+/// This host's facts, worked out once per process (a scratch vCPU tells the TSC frequency).
+fn host_facts_of(kvm: &Kvm) -> Result<&'static HostFacts, Error> {
+    static FACTS: OnceLock<HostFacts> = OnceLock::new();
+    if let Some(f) = FACTS.get() {
+        return Ok(f);
+    }
+    let facts = HostFacts::detect(kvm).map_err(SnapshotError::Host)?;
+    Ok(FACTS.get_or_init(|| facts))
+}
+
+/// This host's facts for a snapshot being written.
+pub fn current_host_facts(kvm: &Kvm) -> Result<HostFacts, Error> {
+    host_facts_of(kvm).cloned()
 }
 
 /// The guest's kernel and initrd, opened and measured.
@@ -105,12 +205,16 @@ fn check_config(config: &VmConfig) -> Result<GuestImages<'_>, Error> {
 }
 
 /// Opens KVM and checks the vCPU count against what it (and the MP table) allow.
-pub fn open_kvm(config: &VmConfig) -> Result<Kvm, Error> {
-    let kvm = vm::open_kvm(&config.kvm_device)?;
+fn open_kvm(config: &VmConfig) -> Result<Kvm, Error> {
+    open_kvm_for(&config.kvm_device, config.cpus)
+}
+
+fn open_kvm_for(device: &std::path::Path, cpus: u32) -> Result<Kvm, Error> {
+    let kvm = vm::open_kvm(device)?;
     let max_cpus = (kvm.get_max_vcpus() as u32).min(mptable::MAX_CPUS);
-    if config.cpus > max_cpus {
+    if cpus > max_cpus {
         return Err(ConfigError::TooManyCpus {
-            asked: config.cpus,
+            asked: cpus,
             max: max_cpus,
         }
         .into());
@@ -257,28 +361,35 @@ fn write_boot_structures(
 
 /// What every vCPU of a VM shares with the VMM.
 struct VcpuShared<'a> {
-    /// The buses (consumed: the vCPUs get them).
-    devices: DeviceManager,
+    /// Where the buses come from.
+    devices: &'a DeviceManager,
     notifier: &'a Arc<StopNotifier>,
     stop: &'a Arc<AtomicBool>,
     timeline: &'a Arc<Timeline>,
+    control: &'a Arc<VcpuControl>,
 }
 
-/// Phase 5: the vCPUs, each with its CPUID, MSRs, FPU and LAPIC; vCPU 0 with registers for
-/// `entry`.
+/// How the vCPUs start: at the kernel's entry, or as a snapshot saved them.
+enum VcpuInit<'a> {
+    Boot(EntryPoint),
+    Restore(&'a [VcpuState]),
+}
+
+/// Phase 5: the vCPUs. For a boot, each with its CPUID, MSRs, FPU and LAPIC, and vCPU 0 with
+/// registers for the kernel's entry; for a restore, each with its saved state.
 fn create_vcpus(
     count: u32,
     kvm: &Kvm,
     vm_fd: &VmFd,
     mem: &GuestMemoryMmap,
-    shared: VcpuShared<'_>,
-    entry: EntryPoint,
+    shared: &VcpuShared<'_>,
+    init: VcpuInit<'_>,
 ) -> Result<Vec<Vcpu>, Error> {
     vcpu::install_kick_handler()?;
     let base_cpuid: CpuId = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("report its CPUID"))?;
-    let (pio, mmio) = shared.devices.into_buses();
+    let (pio, mmio) = shared.devices.buses();
     let ctx = VcpuContext {
         vm: vm_fd,
         mem,
@@ -290,11 +401,18 @@ fn create_vcpus(
         tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
         count: count as u8,
         timeline: shared.timeline.clone(),
-        control: VcpuControl::new(kvm, count as u8),
+        control: shared.control.clone(),
     };
-    let vcpus = (0..count as u8)
-        .map(|id| Vcpu::new(&ctx, id, entry))
-        .collect::<Result<Vec<_>, _>>()?;
+    let vcpus = match init {
+        VcpuInit::Boot(entry) => (0..count as u8)
+            .map(|id| Vcpu::new(&ctx, id, entry))
+            .collect::<Result<Vec<_>, _>>()?,
+        VcpuInit::Restore(states) => states
+            .iter()
+            .enumerate()
+            .map(|(id, state)| Vcpu::restore(&ctx, id as u8, state))
+            .collect::<Result<Vec<_>, _>>()?,
+    };
     Ok(vcpus)
 }
 

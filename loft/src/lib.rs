@@ -33,6 +33,7 @@ mod event_loop;
 mod host;
 mod loader;
 mod sandbox;
+mod snapshot;
 mod stop;
 mod vmm;
 mod vstate;
@@ -43,6 +44,7 @@ pub use host::KvmFlavour;
 pub use loft_agent::client::{ExitStatus, Output};
 pub use loft_agent::ExecRequest;
 pub use sandbox::{VmBuilder, VmHandle, AGENT_PORT, CONSOLE_CAPTURE_LIMIT, DEFAULT_AGENT_TIMEOUT};
+pub use snapshot::{Snapshot, SnapshotInfo};
 pub use stop::StopReason;
 
 /// The causes an [`Error`] carries, one type per part of loft.
@@ -52,6 +54,7 @@ pub mod error {
     pub use crate::config::ConfigError;
     pub use crate::device_manager::DeviceManagerError;
     pub use crate::loader::LoaderError;
+    pub use crate::snapshot::{SnapshotError, SnapshotMemoryError, StateFileError};
     pub use crate::vstate::memory::MemoryError;
     pub use crate::vstate::vcpu::VcpuError;
     pub use crate::vstate::vm::VmError;
@@ -115,6 +118,15 @@ pub enum Error {
     /// The event loop failed.
     #[error("the event loop failed")]
     EventLoop(#[source] event_manager::Error),
+    /// A snapshot could not be taken, opened or restored.
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::SnapshotError),
+    /// The VM is not running (any more).
+    #[error("the VM is not running")]
+    NotRunning,
+    /// The VM stopped before it was ready to be snapshotted.
+    #[error("the VM stopped before it was ready ({0})")]
+    StoppedBeforeReady(StopReason),
     /// The VM's result was already collected by an earlier wait.
     #[error("the VM's result was already collected")]
     AlreadyWaited,

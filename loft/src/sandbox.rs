@@ -23,7 +23,7 @@
 //! ```
 
 use std::io::{self, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -33,7 +33,10 @@ use loft_devices::sync::lock;
 use crate::boot_timer::{BootTimes, Timeline};
 use crate::builder;
 use crate::config::{self, DiskConfig, MemSize, NetConfig, VmConfig, VsockConfig};
+use crate::device_manager::DeviceOverrides;
+use crate::snapshot::{MachineConfig, Snapshot, SnapshotError, SnapshotInfo};
 use crate::stop::{StopNotifier, StopReason};
+use crate::vmm::Requests;
 use crate::Error;
 use loft_agent::client::{self as agent_client, AgentError, ExitStatus, Output};
 pub use loft_agent::ExecRequest;
@@ -42,7 +45,7 @@ pub use loft_agent::ExecRequest;
 enum Console {
     Discard,
     Capture,
-    Writer(Box<dyn Write + Send>),
+    Writer(Mutex<Box<dyn Write + Send>>),
 }
 
 /// Describes a VM; [`VmBuilder::start`] builds and starts it.
@@ -54,9 +57,12 @@ pub struct VmBuilder {
     initrd: Option<PathBuf>,
     rootfs: Option<PathBuf>,
     config: VmConfig,
+    cpus_set: bool,
+    memory_set: bool,
     console: Console,
     agent: bool,
     agent_timeout: Duration,
+    restore: Option<Snapshot>,
 }
 
 /// The vsock port the guest agent listens on.
@@ -93,9 +99,12 @@ impl VmBuilder {
             initrd: None,
             rootfs: None,
             config: VmConfig::new(PathBuf::new()),
+            cpus_set: false,
+            memory_set: false,
             console: Console::Discard,
             agent: true,
             agent_timeout: DEFAULT_AGENT_TIMEOUT,
+            restore: None,
         }
     }
 
@@ -181,6 +190,7 @@ impl VmBuilder {
     /// Number of vCPUs.
     pub fn cpus(mut self, cpus: u32) -> Self {
         self.config.cpus = cpus;
+        self.cpus_set = true;
         self
     }
 
@@ -192,6 +202,7 @@ impl VmBuilder {
     /// Guest RAM.
     pub fn memory(mut self, size: MemSize) -> Self {
         self.config.memory = size;
+        self.memory_set = true;
         self
     }
 
@@ -212,7 +223,7 @@ impl VmBuilder {
 
     /// Streams the console output to `writer` as the guest writes it.
     pub fn console_writer(mut self, writer: impl Write + Send + 'static) -> Self {
-        self.console = Console::Writer(Box::new(writer));
+        self.console = Console::Writer(Mutex::new(Box::new(writer)));
         self
     }
 
@@ -232,6 +243,19 @@ impl VmBuilder {
     /// of from [`VmBuilder::start`].
     pub fn times_from(mut self, origin: Instant) -> Self {
         self.times_from = Some(origin);
+        self
+    }
+
+    /// Restores the VM saved in `snapshot` instead of booting one: [`VmBuilder::start`] then
+    /// returns a handle to a VM that continues where the snapshot was taken. The console,
+    /// agent and timing options apply as for a boot; [`VmBuilder::disk`], [`VmBuilder::net`]
+    /// and [`VmBuilder::vsock`] name new host resources for the saved devices, in order (the
+    /// guest's side must match: read-only or not, MAC, CID); `cpus` and `memory` must match the
+    /// snapshot when given; `kernel`, `initrd`, `rootfs` and `cmdline` are refused. Without
+    /// [`VmBuilder::vsock`], a VM with the agent gets a fresh socket, so many restores of one
+    /// snapshot can run at once.
+    pub fn restore_from(mut self, snapshot: Snapshot) -> Self {
+        self.restore = Some(snapshot);
         self
     }
 
@@ -276,19 +300,40 @@ impl VmBuilder {
     /// Builds the VM and starts it on threads of its own. Returns once the VM is built (all
     /// input checked, guest loaded); the guest then boots in the background.
     pub fn start(self) -> Result<VmHandle, Error> {
-        let config = self.config()?;
         let captured = Arc::new(Mutex::new(Vec::new()));
-        let out: Box<dyn Write + Send> = match self.console {
-            Console::Discard => Box::new(io::sink()),
-            Console::Capture => Box::new(SharedBuffer(captured.clone())),
-            Console::Writer(w) => w,
-        };
         let timeline = Arc::new(Timeline::new(self.times_from.unwrap_or_else(Instant::now)));
-        let mut vmm = builder::build_microvm_for_boot(&config, out, timeline.clone())?;
+        let (mut vmm, agent) = match &self.restore {
+            Some(snapshot) => {
+                let (overrides, agent) = self.restore_overrides(snapshot)?;
+                let out = self.console_out(&captured);
+                let vmm = builder::build_microvm_from_snapshot(
+                    snapshot,
+                    &overrides,
+                    out,
+                    timeline.clone(),
+                )?;
+                (vmm, agent)
+            }
+            None => {
+                let config = self.config()?;
+                let agent = self.agent.then(|| config.vsock.clone()).flatten();
+                let meta = MachineConfig {
+                    cpus: config.cpus,
+                    memory: config.memory.bytes(),
+                    kernel: config.kernel.clone(),
+                    cmdline: config.cmdline.clone(),
+                    agent_port: agent.is_some().then_some(AGENT_PORT),
+                };
+                let out = self.console_out(&captured);
+                let vmm = builder::build_microvm_for_boot(&config, meta, out, timeline.clone())?;
+                (vmm, agent.map(|v| v.uds))
+            }
+        };
         if self.stdin_console {
             vmm.attach_stdin()?;
         }
         let stopper = vmm.stop_handle();
+        let requests = vmm.requests();
         let done = Arc::new(Done::default());
         let thread = {
             let done = done.clone();
@@ -306,18 +351,167 @@ impl VmBuilder {
         };
         Ok(VmHandle {
             stopper,
+            requests,
             thread: Mutex::new(Some(thread)),
             done,
             captured,
             timeline,
-            agent: self
-                .agent
-                .then(|| config.vsock.clone())
-                .flatten()
-                .map(|v| v.uds),
+            agent,
             agent_timeout: self.agent_timeout,
+            needs_sync: Mutex::new(self.restore.is_some()),
+            clone_id: next_clone_id(),
         })
     }
+
+    /// Where the console goes, taking the builder's writer.
+    fn console_out(&self, captured: &Arc<Mutex<Vec<u8>>>) -> Box<dyn Write + Send> {
+        match &self.console {
+            Console::Discard => Box::new(io::sink()),
+            Console::Capture => Box::new(SharedBuffer(captured.clone())),
+            Console::Writer(w) => {
+                let mut w = lock(w);
+                Box::new(std::mem::replace(&mut *w, Box::new(io::sink())))
+            }
+        }
+    }
+
+    /// The host resources a restored VM gets, checked against the snapshot; and the agent's
+    /// socket when the VM has an agent.
+    fn restore_overrides(
+        &self,
+        snapshot: &Snapshot,
+    ) -> Result<(DeviceOverrides, Option<PathBuf>), Error> {
+        use loft_devices::virtio::VirtioDeviceState as D;
+        let saved = snapshot.state();
+        let m = &saved.machine;
+        let contradicts = |what, saved: String, given: String| -> Result<(), Error> {
+            if saved == given {
+                Ok(())
+            } else {
+                Err(SnapshotError::Contradicts { what, saved, given }.into())
+            }
+        };
+        if self.kernel.is_some() {
+            return Err(SnapshotError::BootOnly("a kernel").into());
+        }
+        if self.initrd.is_some() {
+            return Err(SnapshotError::BootOnly("an initrd").into());
+        }
+        if self.rootfs.is_some() {
+            return Err(SnapshotError::BootOnly("a root filesystem").into());
+        }
+        if !self.config.cmdline.trim().is_empty() {
+            return Err(SnapshotError::BootOnly("a kernel command line").into());
+        }
+        if self.cpus_set {
+            contradicts(
+                "the vCPU count",
+                m.cpus.to_string(),
+                self.config.cpus.to_string(),
+            )?;
+        }
+        if self.memory_set {
+            contradicts(
+                "the memory size",
+                MemSize(m.memory).to_string(),
+                self.config.memory.to_string(),
+            )?;
+        }
+        let devices = &saved.devices.virtio;
+        let blocks: Vec<_> = devices
+            .iter()
+            .filter_map(|d| match &d.device {
+                D::Block(b) => Some(b),
+                _ => None,
+            })
+            .collect();
+        let nets: Vec<_> = devices
+            .iter()
+            .filter_map(|d| match &d.device {
+                D::Net(n) => Some(n),
+                _ => None,
+            })
+            .collect();
+        let vsock = devices.iter().find_map(|d| match &d.device {
+            D::Vsock(v) => Some(v),
+            _ => None,
+        });
+        contradicts(
+            "the number of disks",
+            blocks.len().to_string(),
+            self.config.disks.len().max(blocks.len()).to_string(),
+        )?;
+        let mut overrides = DeviceOverrides::default();
+        for (given, saved) in self.config.disks.iter().zip(&blocks) {
+            contradicts(
+                "a disk's read-only setting",
+                saved.read_only.to_string(),
+                given.read_only.to_string(),
+            )?;
+            overrides.disks.push(Some(given.path.clone()));
+        }
+        contradicts(
+            "the number of network interfaces",
+            nets.len().to_string(),
+            self.config.nets.len().max(nets.len()).to_string(),
+        )?;
+        for (given, saved) in self.config.nets.iter().zip(&nets) {
+            if let Some(mac) = given.mac {
+                contradicts(
+                    "a NIC's MAC address",
+                    format!("{:02x?}", saved.mac),
+                    format!("{:02x?}", Some(mac)),
+                )?;
+            }
+            overrides.taps.push(Some(given.tap.clone()));
+        }
+        match (&self.config.vsock, vsock) {
+            (Some(given), Some(saved)) => {
+                contradicts(
+                    "the vsock CID",
+                    saved.guest_cid.to_string(),
+                    given.cid.to_string(),
+                )?;
+                overrides.vsock_uds = Some(given.uds.clone());
+            }
+            (Some(_), None) => {
+                return Err(SnapshotError::Contradicts {
+                    what: "the vsock device",
+                    saved: "none".into(),
+                    given: "one".into(),
+                }
+                .into())
+            }
+            // A fresh socket, so that restores of one snapshot do not collide.
+            (None, Some(_)) => overrides.vsock_uds = Some(vsock_socket_path()),
+            (None, None) => {}
+        }
+        let agent = (self.agent && m.agent_port.is_some())
+            .then(|| overrides.vsock_uds.clone())
+            .flatten();
+        Ok((overrides, agent))
+    }
+}
+
+/// How long the post-restore sync with the agent may take.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Fills `buf` from the kernel's random number generator.
+fn getrandom(buf: &mut [u8]) -> io::Result<()> {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")?.read_exact(buf)
+}
+
+/// A per-VM id the guest agent is told after a restore, so that clones can tell themselves
+/// apart: this process's id and a counter.
+fn next_clone_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Set once the VMM thread is about to return.
@@ -362,6 +556,9 @@ impl Done {
 /// Dropping the handle stops the VM and releases its threads and file descriptors.
 pub struct VmHandle {
     stopper: Arc<StopNotifier>,
+    requests: Arc<Requests>,
+    needs_sync: Mutex<bool>,
+    clone_id: String,
     thread: Mutex<Option<JoinHandle<Result<StopReason, Error>>>>,
     done: Arc<Done>,
     captured: Arc<Mutex<Vec<u8>>>,
@@ -397,16 +594,89 @@ impl VmHandle {
         on_stdout: impl FnMut(&[u8]),
         on_stderr: impl FnMut(&[u8]),
     ) -> Result<ExitStatus, Error> {
-        let uds = self.agent.as_deref().ok_or(Error::NoAgent)?;
-        let deadline = Instant::now() + self.agent_timeout;
-        let stream =
-            agent_client::connect_when_ready(uds, AGENT_PORT, deadline, &|| self.is_finished())
-                .map_err(|e| match e {
-                    AgentError::Timeout if self.is_finished() => Error::AgentGone,
-                    e => Error::Agent(e),
-                })?;
+        self.sync_after_restore()?;
+        let stream = self.connect_agent()?;
         agent_client::exec_on_stream(stream, cmd, None, None, on_stdout, on_stderr)
             .map_err(Error::Agent)
+    }
+
+    /// Waits until the guest agent answers (the guest may still be booting), at most the
+    /// builder's agent timeout. A restored VM's guest also gets the host's clock and fresh
+    /// entropy then.
+    pub fn wait_for_agent(&self) -> Result<(), Error> {
+        self.sync_after_restore()?;
+        self.connect_agent().map(drop)
+    }
+
+    /// A connection to the guest agent, once it listens.
+    fn connect_agent(&self) -> Result<std::os::unix::net::UnixStream, Error> {
+        let uds = self.agent.as_deref().ok_or(Error::NoAgent)?;
+        let deadline = Instant::now() + self.agent_timeout;
+        agent_client::connect_when_ready(uds, AGENT_PORT, deadline, &|| self.is_finished()).map_err(
+            |e| match e {
+                AgentError::Timeout if self.is_finished() => Error::AgentGone,
+                e => Error::Agent(e),
+            },
+        )
+    }
+
+    /// Once after a restore, before anything else reaches the agent: sets the guest's wall
+    /// clock to the host's (the snapshot may have waited for days) and credits fresh host
+    /// entropy with a forced reseed (otherwise every restore of one snapshot would replay the
+    /// same random numbers), and tells the guest its clone id (`/run/loft/clone-id`).
+    fn sync_after_restore(&self) -> Result<(), Error> {
+        let mut needed = lock(&self.needs_sync);
+        if !*needed || self.agent.is_none() {
+            return Ok(());
+        }
+        let mut entropy = [0u8; 64];
+        getrandom(&mut entropy).map_err(|source| Error::Host {
+            what: "read host entropy for the guest",
+            source,
+        })?;
+        let deadline = Instant::now() + self.agent_timeout;
+        loop {
+            let stream = self.connect_agent()?;
+            let result = agent_client::sync_on_stream(
+                stream,
+                std::time::SystemTime::now(),
+                &entropy,
+                Some(&self.clone_id),
+                Some(SYNC_TIMEOUT),
+            );
+            match result {
+                Ok(()) => break,
+                // The guest drops the connections it had when it handles the vsock transport
+                // reset a restore sends; a connection made just before that is dropped too.
+                // Sync says the same thing twice harmlessly: try again.
+                Err(AgentError::NoExitStatus | AgentError::Io(_))
+                    if Instant::now() < deadline && !self.is_finished() =>
+                {
+                    log::debug!("agent connection dropped during the post-restore sync; retrying");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(Error::Agent(e)),
+            }
+        }
+        *needed = false;
+        Ok(())
+    }
+
+    /// Saves the running VM to `dir` (created when missing; a snapshot already there is
+    /// replaced) and lets it run on. The vCPUs are paused meanwhile, device work is finished
+    /// first and writable disks are flushed, so the disk files match the saved memory.
+    pub fn snapshot(&self, dir: impl AsRef<Path>) -> Result<SnapshotInfo, Error> {
+        self.requests
+            .snapshot(dir.as_ref(), false, || self.is_finished())
+    }
+
+    /// Like [`VmHandle::snapshot`], then stops the VM (it never runs again after the save).
+    pub fn snapshot_and_stop(&self, dir: impl AsRef<Path>) -> Result<SnapshotInfo, Error> {
+        let info = self
+            .requests
+            .snapshot(dir.as_ref(), true, || self.is_finished())?;
+        self.wait()?;
+        Ok(info)
     }
 
     /// Waits for the VM to stop and says why. After the first call that returns the reason,

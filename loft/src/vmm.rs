@@ -6,18 +6,27 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use event_manager::SubscriberOps;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::{Kvm, VmFd};
+use loft_devices::sync::lock;
 use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
 use crate::boot_timer::Timeline;
+use crate::builder;
 use crate::builder::sys;
 use crate::console::ConsoleInput;
-use crate::device_manager::LegacyDevices;
+use crate::device_manager::{DeviceManager, LegacyDevices};
 use crate::event_loop::{EventLoop, StopWatch};
+use crate::snapshot::{self, MachineConfig, SnapshotError, SnapshotInfo, SnapshotState};
 use crate::stop::{StopNotifier, StopReason};
+use crate::vstate::control::VcpuControl;
 use crate::vstate::vcpu::{self, Vcpu};
+use crate::vstate::vm_state;
 use crate::Error;
 
 /// How long the VMM keeps kicking vCPU threads before it gives up on joining them.
@@ -26,18 +35,77 @@ const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(2);
 /// A VM built and ready to run (see [`crate::builder`]).
 pub struct Vmm {
     // Field order is drop order: vCPUs before the VM, the VM before its memory.
-    pub(crate) vcpus: Vec<Vcpu>,
-    pub(crate) event_loop: EventLoop,
-    pub(crate) notifier: Arc<StopNotifier>,
-    pub(crate) stop: Arc<AtomicBool>,
-    pub(crate) legacy: LegacyDevices,
-    pub(crate) vm: VmFd,
-    pub(crate) kvm: Kvm,
-    pub(crate) mem: GuestMemoryMmap,
-    pub(crate) timeline: Arc<Timeline>,
+    vcpus: Vec<Vcpu>,
+    event_loop: EventLoop,
+    notifier: Arc<StopNotifier>,
+    stop: Arc<AtomicBool>,
+    control: Arc<VcpuControl>,
+    legacy: LegacyDevices,
+    devices: DeviceManager,
+    requests: Arc<Requests>,
+    vm: VmFd,
+    kvm: Kvm,
+    mem: GuestMemoryMmap,
+    machine: MachineConfig,
+    timeline: Arc<Timeline>,
 }
 
+/// What the builder hands over to make a [`Vmm`].
+pub struct VmmParts {
+    /// The vCPUs, not yet running.
+    pub vcpus: Vec<Vcpu>,
+    /// The event loop, with every device subscribed.
+    pub event_loop: EventLoop,
+    /// Where a stop is asked for.
+    pub notifier: Arc<StopNotifier>,
+    /// The vCPUs' stop flag.
+    pub stop: Arc<AtomicBool>,
+    /// Pauses and saves the vCPUs.
+    pub control: Arc<VcpuControl>,
+    /// The console, i8042 and boot timer.
+    pub legacy: LegacyDevices,
+    /// The virtio devices and the buses.
+    pub devices: DeviceManager,
+    /// The VM.
+    pub vm: VmFd,
+    /// KVM.
+    pub kvm: Kvm,
+    /// Guest RAM.
+    pub mem: GuestMemoryMmap,
+    /// What the VM is made of, for snapshots.
+    pub machine: MachineConfig,
+    /// The run's phases.
+    pub timeline: Arc<Timeline>,
+}
+
+/// How long the vCPUs may take to pause, and to save their state, for a snapshot.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+
 impl Vmm {
+    /// A VMM over the parts of a built VM.
+    pub fn new(p: VmmParts) -> Self {
+        Self {
+            vcpus: p.vcpus,
+            event_loop: p.event_loop,
+            notifier: p.notifier,
+            stop: p.stop,
+            control: p.control,
+            legacy: p.legacy,
+            devices: p.devices,
+            requests: Arc::new(Requests::default()),
+            vm: p.vm,
+            kvm: p.kvm,
+            mem: p.mem,
+            machine: p.machine,
+            timeline: p.timeline,
+        }
+    }
+
+    /// Where another thread asks this VMM for a snapshot.
+    pub fn requests(&self) -> Arc<Requests> {
+        self.requests.clone()
+    }
+
     /// Something that stops this VM from another thread.
     pub fn stop_handle(&self) -> Arc<StopNotifier> {
         self.notifier.clone()
@@ -61,6 +129,8 @@ impl Vmm {
                 fired.clone(),
                 self.timeline.clone(),
             ))));
+        self.event_loop
+            .add_subscriber(Arc::new(Mutex::new(RequestWatch(self.requests.clone()))));
         let mut handles: Vec<JoinHandle<()>> = Vec::with_capacity(self.vcpus.len());
         for (i, vcpu) in self.vcpus.drain(..).enumerate() {
             let handle = std::thread::Builder::new()
@@ -84,6 +154,9 @@ impl Vmm {
             if interrupted() {
                 self.notifier.notify(StopReason::Stopped);
             }
+            for request in self.requests.take() {
+                self.serve(request);
+            }
             if fired.load(Ordering::Acquire) {
                 break Ok(self.notifier.reason());
             }
@@ -91,6 +164,154 @@ impl Vmm {
         stop_vcpus(&self.stop, handles);
         self.timeline.mark(|t| &mut t.exit);
         result
+    }
+}
+
+impl Vmm {
+    fn serve(&mut self, request: Request) {
+        match request {
+            Request::Snapshot { dir, stop, reply } => {
+                let result = self.snapshot(&dir);
+                if stop && result.is_ok() {
+                    // Nothing may run after the save: the vCPUs stay paused until they stop.
+                    self.notifier.notify(StopReason::Stopped);
+                } else {
+                    self.control.resume_all();
+                }
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    /// Saves the VM to `dir`, on the event-loop thread between events (so no device work is
+    /// under way), with the vCPUs paused. Leaves them paused.
+    fn snapshot(&mut self, dir: &Path) -> Result<SnapshotInfo, Error> {
+        let started = Instant::now();
+        self.control
+            .pause_all(PAUSE_TIMEOUT)
+            .map_err(SnapshotError::Vcpus)?;
+        let vcpus = self
+            .control
+            .save_all(PAUSE_TIMEOUT)
+            .map_err(SnapshotError::Vcpus)?;
+        let vm = vm_state::save(&self.vm).map_err(SnapshotError::VmState)?;
+        let devices = self
+            .devices
+            .save(&self.legacy)
+            .map_err(SnapshotError::Devices)?;
+        let host = builder::current_host_facts(&self.kvm)?;
+        std::fs::create_dir_all(dir).map_err(|e| SnapshotError::Dir(dir.into(), e))?;
+        let memory = snapshot::memory::layout_of(&self.mem);
+        let mem_path = dir.join(snapshot::MEMORY_FILE);
+        let mut written = 0;
+        snapshot::file::replace_with(&mem_path, |f| {
+            written = snapshot::memory::write(&self.mem, &memory, f, &mem_path)
+                .map_err(std::io::Error::other)?;
+            Ok(())
+        })
+        .map_err(SnapshotError::State)?;
+        let state = SnapshotState {
+            loft_version: env!("CARGO_PKG_VERSION").to_string(),
+            created_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            host,
+            machine: self.machine.clone(),
+            memory,
+            vm,
+            vcpus,
+            devices,
+        };
+        let bytes = snapshot::file::encode(&state).map_err(SnapshotError::State)?;
+        snapshot::file::write_atomically(&dir.join(snapshot::STATE_FILE), &bytes)
+            .map_err(SnapshotError::State)?;
+        log::debug!(
+            "snapshot of {} MiB ({} MiB written) in {:?}",
+            self.machine.memory >> 20,
+            written >> 20,
+            started.elapsed()
+        );
+        Ok(crate::Snapshot::open(dir)?.info())
+    }
+}
+
+/// A request to the VMM thread.
+pub enum Request {
+    /// Save the VM to `dir`; stop it afterwards when `stop`.
+    Snapshot {
+        /// The snapshot directory.
+        dir: PathBuf,
+        /// Stop the VM after a successful save.
+        stop: bool,
+        /// Where the result goes.
+        reply: mpsc::Sender<Result<SnapshotInfo, Error>>,
+    },
+}
+
+/// Requests waiting for the VMM thread, and the event that wakes it.
+pub struct Requests {
+    queue: Mutex<Vec<Request>>,
+    evt: EventFd,
+}
+
+impl Default for Requests {
+    fn default() -> Self {
+        Self {
+            queue: Mutex::new(Vec::new()),
+            // An eventfd that cannot be created leaves the VMM to find requests on its next
+            // periodic wake-up instead.
+            evt: EventFd::new(libc::EFD_NONBLOCK).unwrap_or_else(|_| {
+                EventFd::new(0).unwrap_or_else(|e| panic!("no eventfd at all: {e}"))
+            }),
+        }
+    }
+}
+
+impl Requests {
+    fn take(&self) -> Vec<Request> {
+        std::mem::take(&mut *lock(&self.queue))
+    }
+
+    /// Asks for a snapshot into `dir` and waits for it. `finished` tells whether the VM has
+    /// stopped (then no answer comes).
+    pub fn snapshot(
+        &self,
+        dir: &Path,
+        stop: bool,
+        finished: impl Fn() -> bool,
+    ) -> Result<SnapshotInfo, Error> {
+        let (reply, answer) = mpsc::channel();
+        lock(&self.queue).push(Request::Snapshot {
+            dir: dir.into(),
+            stop,
+            reply,
+        });
+        let _ = self.evt.write(1);
+        loop {
+            match answer.recv_timeout(Duration::from_millis(50)) {
+                Ok(result) => return result,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Err(Error::AgentGone),
+                Err(mpsc::RecvTimeoutError::Timeout) if finished() => {
+                    return Err(Error::NotRunning)
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+        }
+    }
+}
+
+/// Wakes the event loop when a request arrives; the loop then serves it.
+struct RequestWatch(Arc<Requests>);
+
+impl MutEventSubscriber for RequestWatch {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.0.evt, EventSet::IN)) {
+            log::warn!("cannot watch for requests (they wait for the next wake-up): {e}");
+        }
+    }
+
+    fn process(&mut self, _: Events, _: &mut EventOps) {
+        let _ = self.0.evt.read();
     }
 }
 

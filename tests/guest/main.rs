@@ -14,6 +14,7 @@ mod common;
 mod bench_boot;
 mod boot;
 mod exec;
+mod snapshot;
 mod virtio;
 
 #[allow(dead_code)]

@@ -6,7 +6,9 @@ use std::sync::{Arc, Mutex};
 
 use event_manager::SubscriberOps;
 use kvm_ioctls::{IoEventAddress, VmFd};
-use loft_devices::virtio::{VirtioMmioDevice, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
+use loft_devices::virtio::{
+    MmioTransport, VirtioMmioDevice, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET,
+};
 use loft_devices::Bus;
 use vm_allocator::{AddressAllocator, AllocPolicy, IdAllocator};
 
@@ -14,8 +16,10 @@ use crate::arch::x86_64::{layout, mptable};
 use crate::event_loop::EventLoop;
 
 mod legacy;
+mod persist;
 
 pub use legacy::LegacyDevices;
+pub use persist::{DeviceOverrides, DevicesState};
 
 /// First IRQ line for virtio devices: 0-4 are the PIT, keyboard, cascade and COM1/COM2.
 const FIRST_VIRTIO_IRQ: u32 = 5;
@@ -25,6 +29,37 @@ const VIRTIO_MMIO_SIZE: u64 = layout::IOAPIC_ADDR - layout::VIRTIO_MMIO_START;
 /// Errors placing devices.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceManagerError {
+    /// A saved device cannot be restored.
+    #[error("cannot restore virtio device {index} from the snapshot")]
+    Restore {
+        /// Its place among the snapshot's virtio devices.
+        index: usize,
+        /// Why.
+        #[source]
+        source: loft_devices::virtio::Error,
+    },
+    /// The snapshot's devices are not where loft would put them.
+    #[error("the snapshot's virtio device {index} is at {saved_addr:#x} (IRQ {saved_irq}), where loft would not put it")]
+    Layout {
+        /// Its place among the snapshot's virtio devices.
+        index: usize,
+        /// Its saved MMIO address.
+        saved_addr: u64,
+        /// Its saved IRQ.
+        saved_irq: u32,
+    },
+    /// The console UART's saved state cannot be restored.
+    #[error("cannot restore the serial console from the snapshot")]
+    Serial(#[source] loft_devices::serial::SerialError),
+    /// A device's state could not be saved.
+    #[error("cannot save virtio device {index}")]
+    Save {
+        /// Its place among the VM's virtio devices.
+        index: usize,
+        /// Why.
+        #[source]
+        source: loft_devices::virtio::Error,
+    },
     /// No MMIO window or IRQ line left.
     #[error("no room for another device")]
     Exhausted(#[source] vm_allocator::Error),
@@ -49,7 +84,7 @@ pub enum DeviceManagerError {
 }
 
 /// Where a device landed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DeviceSlot {
     /// Base of its MMIO window.
     pub addr: u64,
@@ -74,6 +109,7 @@ impl DeviceSlot {
 pub struct DeviceManager {
     pio: Bus,
     mmio: Bus,
+    virtio: Vec<(DeviceSlot, Arc<Mutex<MmioTransport>>)>,
     addresses: AddressAllocator,
     irqs: IdAllocator,
     cmdline: Vec<String>,
@@ -85,6 +121,7 @@ impl DeviceManager {
         Self {
             pio: Bus::new(),
             mmio: Bus::new(),
+            virtio: Vec::new(),
             // Both ranges are constants that fit: these cannot fail.
             addresses: AddressAllocator::new(layout::VIRTIO_MMIO_START, VIRTIO_MMIO_SIZE)
                 .expect("virtio MMIO range is valid"),
@@ -110,8 +147,8 @@ impl DeviceManager {
         })
     }
 
-    /// Wires a virtio-mmio device: window on the bus, queue notifications as ioeventfds,
-    /// interrupt as an irqfd, processing on the event loop.
+    /// Wires a virtio-mmio device in the next free slot: window on the bus, queue notifications
+    /// as ioeventfds, interrupt as an irqfd, processing on the event loop.
     pub fn add_virtio(
         &mut self,
         vm: &VmFd,
@@ -119,6 +156,17 @@ impl DeviceManager {
         device: VirtioMmioDevice,
     ) -> Result<DeviceSlot, DeviceManagerError> {
         let slot = self.allocate()?;
+        self.wire(vm, event_manager, device, slot)?;
+        Ok(slot)
+    }
+
+    fn wire(
+        &mut self,
+        vm: &VmFd,
+        event_manager: &mut EventLoop,
+        device: VirtioMmioDevice,
+        slot: DeviceSlot,
+    ) -> Result<(), DeviceManagerError> {
         let kvm = |what| move |source| DeviceManagerError::Kvm { what, source };
         for (evt, datamatch) in &device.queue_evts {
             let addr = IoEventAddress::Mmio(slot.addr + QUEUE_NOTIFY_OFFSET);
@@ -127,11 +175,12 @@ impl DeviceManager {
         }
         vm.register_irqfd(&device.irq_evt, slot.irq)
             .map_err(kvm("interrupt"))?;
-        let transport: Arc<Mutex<dyn loft_devices::BusDevice>> = device.transport;
+        let transport: Arc<Mutex<dyn loft_devices::BusDevice>> = device.transport.clone();
         self.mmio.insert(transport, slot.addr, MMIO_WINDOW_SIZE)?;
         event_manager.add_subscriber(device.subscriber);
         self.cmdline.push(slot.cmdline_entry());
-        Ok(slot)
+        self.virtio.push((slot, device.transport));
+        Ok(())
     }
 
     /// The kernel command-line entries for the devices added so far.
@@ -145,8 +194,8 @@ impl DeviceManager {
     }
 
     /// The port-I/O and MMIO buses, for the vCPUs.
-    pub fn into_buses(self) -> (Bus, Bus) {
-        (self.pio, self.mmio)
+    pub fn buses(&self) -> (Bus, Bus) {
+        (self.pio.clone(), self.mmio.clone())
     }
 }
 

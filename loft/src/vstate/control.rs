@@ -185,6 +185,7 @@ impl VcpuControl {
     }
 
     /// Whether every vCPU is paused.
+    #[cfg(test)]
     pub fn is_paused(&self) -> bool {
         let shared = self.lock();
         shared.request == Request::Pause && shared.vcpus.iter().all(|s| s.phase == Phase::Paused)

@@ -176,7 +176,6 @@ impl Vcpu {
     /// Creates vCPU `id` with a saved state instead of the boot state. Guest memory must be
     /// registered with the VM already, and `state` must come from vCPU `id` of the saved VM.
     // Called by the VMM's restore path, which is being written.
-    #[allow(dead_code)]
     pub fn restore(ctx: &VcpuContext<'_>, id: u8, state: &VcpuState) -> Result<Self, VcpuError> {
         let fd = ctx
             .vm

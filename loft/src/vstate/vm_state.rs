@@ -120,6 +120,7 @@ pub fn save(vm: &VmFd) -> Result<VmState, VmStateError> {
 
 /// Sets `state` on `vm` (created as [`super::vm::create`] does, with its irqchip and PIT), the
 /// guest's clock going on from the saved value.
+#[cfg(test)]
 pub fn restore(vm: &VmFd, state: &VmState) -> Result<(), VmStateError> {
     restore_with_clock(vm, state, ClockMode::Continue)
 }
