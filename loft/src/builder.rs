@@ -107,7 +107,8 @@ pub fn build_microvm_from_snapshot(
     let state = snapshot.state();
     let machine = state.machine.clone();
     let kvm = open_kvm_for(&default_kvm_device(), machine.cpus)?;
-    host_facts::check_compatible(&state.host, host_facts_of(&kvm)?).map_err(SnapshotError::Host)?;
+    host_facts::check_compatible(&state.host, &host_facts(&kvm, None)?)
+        .map_err(SnapshotError::Host)?;
     let mem = snapshot::memory::map(&snapshot.memory_path(), machine.memory, &state.memory)
         .map_err(SnapshotError::Memory)?;
     let vm_fd = create_vm(&kvm, &mem)?;
@@ -163,19 +164,24 @@ pub fn build_microvm_from_snapshot(
     }))
 }
 
-/// This host's facts, worked out once per process (a scratch vCPU tells the TSC frequency).
-fn host_facts_of(kvm: &Kvm) -> Result<&'static HostFacts, Error> {
-    static FACTS: OnceLock<HostFacts> = OnceLock::new();
-    if let Some(f) = FACTS.get() {
-        return Ok(f);
+/// What KVM supports of CPUID on this host, asked once per process (about a millisecond each
+/// time here).
+fn supported_cpuid(kvm: &Kvm) -> Result<&'static CpuId, Error> {
+    static CPUID: OnceLock<CpuId> = OnceLock::new();
+    if let Some(c) = CPUID.get() {
+        return Ok(c);
     }
-    let facts = HostFacts::detect(kvm).map_err(SnapshotError::Host)?;
-    Ok(FACTS.get_or_init(|| facts))
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("report its CPUID"))?;
+    Ok(CPUID.get_or_init(|| cpuid))
 }
 
-/// This host's facts for a snapshot being written.
-pub fn current_host_facts(kvm: &Kvm) -> Result<HostFacts, Error> {
-    host_facts_of(kvm).cloned()
+/// This host's facts, with the TSC frequency the VM's vCPUs have (`None` at restore, where
+/// each vCPU's restore checks its TSC frequency itself).
+pub fn host_facts(kvm: &Kvm, tsc_khz: Option<u32>) -> Result<HostFacts, Error> {
+    HostFacts::from_cpuid(kvm, supported_cpuid(kvm)?, tsc_khz)
+        .map_err(|e| SnapshotError::Host(e).into())
 }
 
 /// The guest's kernel and initrd, opened and measured.
@@ -386,9 +392,7 @@ fn create_vcpus(
     init: VcpuInit<'_>,
 ) -> Result<Vec<Vcpu>, Error> {
     vcpu::install_kick_handler()?;
-    let base_cpuid: CpuId = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm_err("report its CPUID"))?;
+    let base_cpuid = supported_cpuid(kvm)?;
     let (pio, mmio) = shared.devices.buses();
     let ctx = VcpuContext {
         vm: vm_fd,
@@ -397,7 +401,7 @@ fn create_vcpus(
         mmio: Arc::new(mmio),
         stop: shared.stop.clone(),
         notifier: shared.notifier.clone(),
-        base_cpuid: &base_cpuid,
+        base_cpuid,
         tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
         count: count as u8,
         timeline: shared.timeline.clone(),

@@ -199,7 +199,7 @@ impl Vmm {
             .devices
             .save(&self.legacy)
             .map_err(SnapshotError::Devices)?;
-        let host = builder::current_host_facts(&self.kvm)?;
+        let host = builder::host_facts(&self.kvm, vcpus.first().and_then(|v| v.tsc_khz))?;
         std::fs::create_dir_all(dir).map_err(|e| SnapshotError::Dir(dir.into(), e))?;
         let memory = snapshot::memory::layout_of(&self.mem);
         let mem_path = dir.join(snapshot::MEMORY_FILE);

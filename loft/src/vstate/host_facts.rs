@@ -2,7 +2,7 @@
 //! snapshot records them; a restore compares them with the host it runs on first, to refuse
 //! with a clear reason rather than fail halfway or run a guest on a CPU it was not made for.
 
-use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_bindings::CpuId;
 use kvm_ioctls::{Cap, Kvm};
 use serde::{Deserialize, Serialize};
 
@@ -103,17 +103,11 @@ pub enum CompatError {
 }
 
 impl HostFacts {
-    /// This host's facts: the CPU as KVM's supported CPUID reports it, the TSC frequency of a
-    /// scratch vCPU (in a scratch VM, a few milliseconds), and the KVM flavour.
-    pub fn detect(kvm: &Kvm) -> Result<Self, CompatError> {
-        let cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(|source| CompatError::Kvm {
-                what: "CPUID",
-                source,
-            })?;
+    /// This host's facts from KVM's supported CPUID, with a TSC frequency already known (or
+    /// `None`: [`check_compatible`] then leaves the TSC to the vCPU restore, which checks it
+    /// too), without a scratch VM.
+    pub fn from_cpuid(kvm: &Kvm, cpuid: &CpuId, tsc_khz: Option<u32>) -> Result<Self, CompatError> {
         let sig = cpuid::signature(cpuid.as_slice()).ok_or(CompatError::NoSignature)?;
-        let tsc_khz = scratch_tsc_khz(kvm)?;
         Ok(Self {
             vendor: sig.vendor,
             family: sig.family,
@@ -124,16 +118,6 @@ impl HostFacts {
             kvm: KvmFlavour::detect().name().to_owned(),
         })
     }
-}
-
-/// The TSC frequency KVM gives a new vCPU, or None when it cannot tell (an unstable host TSC).
-fn scratch_tsc_khz(kvm: &Kvm) -> Result<Option<u32>, CompatError> {
-    let err = |what| move |source| CompatError::Kvm { what, source };
-    let vm = kvm.create_vm().map_err(err("TSC frequency (scratch VM)"))?;
-    let vcpu = vm
-        .create_vcpu(0)
-        .map_err(err("TSC frequency (scratch vCPU)"))?;
-    Ok(vcpu.get_tsc_khz().ok())
 }
 
 /// Whether a snapshot taken on `saved` can be restored on `current`: the same CPU vendor,
