@@ -306,3 +306,44 @@ fn a_ticking_guest_goes_on_from_where_it_was_snapshotted() {
         o.tail()
     );
 }
+
+#[test]
+fn a_writable_disk_serves_one_restore_at_a_time_unless_each_gets_its_own_copy() {
+    let shared = disk_copy("shared.img");
+    let snapshot = Snapshot::open(&agent_snapshot().dir).unwrap();
+    let restore = |disk: &Path| {
+        VmBuilder::new()
+            .disk(disk, false)
+            .restore_from(snapshot.clone())
+            .start()
+    };
+    let first = restore(&shared).expect("first restore");
+    let started = Instant::now();
+    match restore(&shared) {
+        Err(e @ loft::Error::Disk { .. }) => {
+            let text = format!("{e}: {}", std::error::Error::source(&e).unwrap());
+            assert!(text.contains(shared.to_str().unwrap()), "{text}");
+            assert!(text.contains("in use by another VM"), "{text}");
+        }
+        Err(e) => panic!("refused for another reason: {e}"),
+        Ok(_) => panic!("a second restore on the same writable image was accepted"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(1));
+    // With its own copy, a second restore runs beside the first, and each writes its own.
+    let own = disk_copy("own.img");
+    let second = restore(&own).expect("second restore on its own copy");
+    for (vm, word) in [(&first, "first"), (&second, "second")] {
+        let out = vm
+            .exec(&ExecRequest::new([
+                "/bin/sh",
+                "-c",
+                &format!("printf {word} > /dev/vda && sync"),
+            ]))
+            .unwrap();
+        assert_eq!(out.status, ExitStatus::Code(0));
+    }
+    first.kill().unwrap();
+    second.kill().unwrap();
+    assert!(std::fs::read(&shared).unwrap().starts_with(b"first"));
+    assert!(std::fs::read(&own).unwrap().starts_with(b"second"));
+}

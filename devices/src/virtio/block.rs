@@ -51,7 +51,7 @@ const ID_BYTES: usize = VIRTIO_BLK_ID_BYTES as usize;
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
     /// The disk image could not be opened.
-    #[error("cannot open disk image {path}: {source}")]
+    #[error("cannot open the image")]
     Open {
         /// Path of the image.
         path: PathBuf,
@@ -59,7 +59,7 @@ pub enum BlockError {
         source: io::Error,
     },
     /// The size or identity of the disk image could not be read.
-    #[error("cannot read the size of disk image {path}: {source}")]
+    #[error("cannot read the size of the image")]
     Size {
         /// Path of the image.
         path: PathBuf,
@@ -67,11 +67,11 @@ pub enum BlockError {
         source: io::Error,
     },
     /// The virtio plumbing (eventfds) could not be set up.
-    #[error("virtio-blk setup: {0}")]
+    #[error("cannot set up virtio-blk")]
     Virtio(#[from] super::Error),
     /// The image to restore is smaller than the disk the snapshot was taken with.
     #[error(
-        "disk image {path} has {found} sectors, fewer than the {saved} of the snapshot: \
+        "the image has {found} sectors, fewer than the {saved} of the snapshot: \
          a disk cannot shrink under a restored guest"
     )]
     Shrunk {
@@ -81,6 +81,24 @@ pub enum BlockError {
         saved: u64,
         /// Capacity of the image, in sectors.
         found: u64,
+    },
+    /// Another VM (in this process or another) has the image open in a way this one conflicts
+    /// with: read-write there, or read-write here while it is open there.
+    #[error("the image is in use by another VM ({}); two VMs writing one image corrupt it", if *read_only { "it writes to it" } else { "it is open there" })]
+    Locked {
+        /// Path of the image.
+        path: PathBuf,
+        /// This VM wanted it read-only.
+        read_only: bool,
+    },
+    /// The image could not be locked.
+    #[error("cannot lock the image")]
+    Lock {
+        /// Path of the image.
+        path: PathBuf,
+        /// OS error.
+        #[source]
+        source: io::Error,
     },
     /// The serial in the state is longer than virtio-blk's 20 bytes.
     #[error("disk serial of {0} bytes in the state is longer than 20 bytes")]
@@ -322,8 +340,52 @@ struct Image {
     meta: std::fs::Metadata,
 }
 
+/// Locks the whole image with an open-file-description lock, as QEMU does: exclusive for a
+/// read-write disk, shared for a read-only one. OFD locks (unlike POSIX record locks) conflict
+/// between two opens in one process too, and stay until this open is closed, whatever other
+/// descriptors of the file are closed meanwhile. A conflict is refused at once, never waited for.
+fn lock(file: &File, path: &Path, read_only: bool) -> Result<(), BlockError> {
+    use std::os::fd::AsRawFd;
+    let request = libc::flock {
+        l_type: if read_only {
+            libc::F_RDLCK
+        } else {
+            libc::F_WRLCK
+        } as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    // SAFETY: F_OFD_SETLK reads a valid `flock` through the pointer, which lives across the
+    // call; the descriptor is open (owned by `file`).
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &request) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::EACCES) => Err(BlockError::Locked {
+            path: path.to_owned(),
+            read_only,
+        }),
+        // Filesystems without locks (some network ones): go on unlocked, as QEMU warns.
+        Some(libc::ENOLCK) | Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) => {
+            warn!(
+                "virtio-blk: {} cannot be locked ({err}); serving it unlocked",
+                path.display()
+            );
+            Ok(())
+        }
+        _ => Err(BlockError::Lock {
+            path: path.to_owned(),
+            source: err,
+        }),
+    }
+}
+
 impl Image {
-    /// Opens the raw image at `path` (read-write unless `read_only`).
+    /// Opens the raw image at `path` (read-write unless `read_only`) and locks it.
     fn open(path: &Path, read_only: bool) -> Result<Self, BlockError> {
         let mut file = OpenOptions::new()
             .read(true)
@@ -346,6 +408,7 @@ impl Image {
                 source: io::Error::from_raw_os_error(libc::EISDIR),
             });
         }
+        lock(&file, path, read_only)?;
         // Seeking works for regular files and block devices alike.
         let len = file.seek(SeekFrom::End(0)).map_err(size_err)?;
         Ok(Self { file, len, meta })

@@ -87,7 +87,7 @@ pub const INT_CONFIG: u32 = 2;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// An `EventFd` could not be created or cloned.
-    #[error("cannot create or clone an eventfd: {0}")]
+    #[error("cannot create or clone an eventfd")]
     EventFd(#[source] io::Error),
     /// The driver activated the device with a queue that cannot be used.
     #[error("virtio queue {index} is invalid: {reason}")]

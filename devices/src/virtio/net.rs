@@ -75,10 +75,10 @@ pub enum NetError {
     #[error(transparent)]
     Tap(#[from] TapError),
     /// The virtio plumbing (eventfds) could not be set up.
-    #[error("virtio-net setup: {0}")]
+    #[error("cannot set up virtio-net")]
     Virtio(#[from] super::Error),
     /// A descriptor chain is malformed.
-    #[error("bad descriptor chain: {0}")]
+    #[error("bad descriptor chain")]
     Chain(#[from] ChainError),
     /// A transmitted frame is longer than [`MAX_FRAME_LEN`].
     #[error("frame of {0} bytes is too large")]

@@ -36,7 +36,7 @@ pub enum TapError {
     #[error("invalid TAP interface name {0:?}: 1 to 15 bytes, no NUL")]
     InvalidName(String),
     /// `/dev/net/tun` could not be opened.
-    #[error("cannot open /dev/net/tun for TAP {name}: {source}")]
+    #[error("cannot open /dev/net/tun for TAP {name}")]
     OpenTun {
         /// Requested interface name.
         name: String,
@@ -44,7 +44,7 @@ pub enum TapError {
         source: io::Error,
     },
     /// An ioctl configuring the interface failed.
-    #[error("cannot set up TAP {name} ({op}): {source}")]
+    #[error("cannot set up TAP {name} ({op})")]
     Ioctl {
         /// Requested interface name.
         name: String,

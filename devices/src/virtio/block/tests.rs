@@ -82,6 +82,7 @@ fn config_features_and_capacity() {
     assert_ne!(blk.features() & (1 << VIRTIO_F_VERSION_1), 0);
     assert_ne!(blk.features() & (1 << VIRTIO_BLK_F_FLUSH), 0);
     assert_eq!(blk.features() & (1 << VIRTIO_BLK_F_RO), 0);
+    drop(blk); // its lock would keep a second open out
     let ro = Block::new(&img.path, true).unwrap();
     assert_ne!(ro.features() & (1 << VIRTIO_BLK_F_RO), 0);
 }
@@ -89,9 +90,14 @@ fn config_features_and_capacity() {
 #[test]
 fn open_error_names_the_path() {
     let err = Block::new("/nonexistent/loft.img", false).err().unwrap();
-    let msg = err.to_string();
-    assert!(msg.contains("/nonexistent/loft.img"), "{msg}");
-    assert!(msg.contains("No such file"), "{msg}");
+    assert!(
+        matches!(&err, BlockError::Open { path, .. } if path.as_os_str() == "/nonexistent/loft.img"),
+        "{err:?}"
+    );
+    let cause = std::error::Error::source(&err)
+        .map(|c| c.to_string())
+        .unwrap_or_default();
+    assert!(cause.contains("No such file"), "{cause}");
 }
 
 #[test]
@@ -641,8 +647,11 @@ fn restore_refuses_a_smaller_image() {
         ),
         "{err}"
     );
+    assert!(
+        matches!(&err, BlockError::Shrunk { path, .. } if *path == small.path),
+        "{err:?}"
+    );
     let msg = err.to_string();
-    assert!(msg.contains(&small.path.display().to_string()), "{msg}");
     assert!(msg.contains("fewer than the 16"), "{msg}");
     // A capacity no image can have.
     for capacity in [u64::MAX, u64::MAX / SECTOR_SIZE + 1, SECTORS + 1] {
@@ -820,9 +829,10 @@ fn inactive_device_restores_inactive_and_can_be_driven() {
 
     let m = mem();
     let img = TempImage::new(SECTORS);
+    let state = Block::new(&img.path, false).unwrap().save();
     let dev = VirtioMmioDevice::new(Block::new(&img.path, false).unwrap(), m.clone()).unwrap();
     let mmio = crate::bus::lock(&dev.transport).save();
-    let state = Block::new(&img.path, false).unwrap().save();
+    drop(dev); // the restored device opens the image again
     assert!(!mmio.activated);
     let dev =
         VirtioMmioDevice::restore(Block::restore(&img.path, &state).unwrap(), m.clone(), &mmio)
@@ -843,6 +853,7 @@ fn hostile_block_transport_states_are_refused() {
     let tq = TestQueue::new(&m, 256);
     crate::virtio::testing::drive_to_driver_ok(&dev, &[&tq]);
     let good = crate::bus::lock(&dev.transport).save();
+    drop(dev); // the restored devices open the image again
     let state = Block::new(&img.path, false).unwrap().save();
     let restore = |mmio: &crate::virtio::MmioState| {
         VirtioMmioDevice::restore(Block::restore(&img.path, &state).unwrap(), m.clone(), mmio)
@@ -872,7 +883,7 @@ fn hostile_block_transport_states_are_refused() {
     bad.driver_features |= 1 << 3;
     assert!(matches!(restore(&bad), Err(Error::UnofferedFeatures(8))));
     // Read-only offered in the state's device only.
-    let ro = Block::new(&img.path, true).unwrap();
+    let ro_state = Block::new(&img.path, true).unwrap().save();
     let mut bad = good.clone();
     bad.driver_features |= 1 << VIRTIO_BLK_F_RO;
     assert!(matches!(
@@ -880,7 +891,7 @@ fn hostile_block_transport_states_are_refused() {
         Err(Error::UnofferedFeatures(_))
     ));
     assert!(VirtioMmioDevice::restore(
-        Block::restore(&img.path, &ro.save()).unwrap(),
+        Block::restore(&img.path, &ro_state).unwrap(),
         m.clone(),
         &bad
     )
@@ -909,12 +920,12 @@ fn lying_ring_positions_fail_the_device_safely() {
     let mut state = t.save();
     assert!(state.activated);
     drop(t);
+    let saved = blk.lock().unwrap().save();
+    drop(blk); // the restored devices open the image again
     for (next_avail, next_used) in [(1000, 0), (100, 5), (0, 17)] {
         state.queues[0].next_avail = next_avail;
         state.queues[0].next_used = next_used;
-        let blk = Arc::new(Mutex::new(
-            Block::restore(&img.path, &blk.lock().unwrap().save()).unwrap(),
-        ));
+        let blk = Arc::new(Mutex::new(Block::restore(&img.path, &saved).unwrap()));
         let mut t = MmioTransport::restore(blk.clone(), m.clone(), &state).unwrap();
         blk.lock().unwrap().process_queue();
         if next_avail == 0 {
@@ -926,4 +937,38 @@ fn lying_ring_positions_fail_the_device_safely() {
         }
     }
     assert_eq!(sector(&img, 1), [0xaa; 512]);
+}
+
+#[test]
+fn an_image_open_read_write_is_locked_against_every_other_open() {
+    let img = TempImage::new(SECTORS);
+    let first = Block::new(&img.path, false).unwrap();
+    for read_only in [false, true] {
+        match Block::new(&img.path, read_only) {
+            Err(BlockError::Locked { path, .. }) => assert_eq!(path, img.path),
+            other => panic!(
+                "a second open (read_only={read_only}) was not refused: {:?}",
+                other.map(|_| ())
+            ),
+        }
+    }
+    drop(first);
+    let again = Block::new(&img.path, false).expect("the lock goes with the first device");
+    drop(again);
+}
+
+#[test]
+fn read_only_opens_share_the_image_and_keep_writers_out() {
+    let img = TempImage::new(SECTORS);
+    let a = Block::new(&img.path, true).unwrap();
+    let b = Block::new(&img.path, true).expect("two read-only opens share the image");
+    assert!(matches!(
+        Block::new(&img.path, false),
+        Err(BlockError::Locked {
+            read_only: false,
+            ..
+        })
+    ));
+    drop((a, b));
+    Block::new(&img.path, false).expect("writable once the readers are gone");
 }

@@ -85,7 +85,7 @@ pub enum VsockError {
     #[error("guest CID {0} is reserved or out of range (3 to 4294967294)")]
     InvalidCid(u64),
     /// A stale socket file could not be removed.
-    #[error("cannot remove stale vsock socket {path}: {source}")]
+    #[error("cannot remove stale vsock socket {}", path.display())]
     RemoveStale {
         /// Path of the socket.
         path: PathBuf,
@@ -93,7 +93,7 @@ pub enum VsockError {
         source: io::Error,
     },
     /// The listening socket could not be bound.
-    #[error("cannot bind vsock socket {path}: {source}")]
+    #[error("cannot bind vsock socket {}", path.display())]
     Bind {
         /// Path of the socket.
         path: PathBuf,
@@ -101,10 +101,10 @@ pub enum VsockError {
         source: io::Error,
     },
     /// The epoll set or timer of the host side could not be set up.
-    #[error("vsock event setup: {0}")]
+    #[error("cannot set up the vsock event loop")]
     Epoll(#[source] io::Error),
     /// The virtio plumbing (eventfds) could not be set up.
-    #[error("virtio-vsock setup: {0}")]
+    #[error("cannot set up virtio-vsock")]
     Virtio(#[from] super::Error),
 }
 
