@@ -13,6 +13,7 @@
 
 #[path = "blk/guest.rs"]
 mod guest;
+#[allow(dead_code)] // shared with the boot and snapshot benches
 #[path = "boot/host.rs"]
 mod host;
 #[path = "boot/measure.rs"]

@@ -1,17 +1,22 @@
 //! Boot-time benchmark: the same workload as a micro-VM (loft with the ELF and the bzImage
 //! kernel, QEMU microvm, Firecracker when `FIRECRACKER` names a binary) and as a container
 //! (crun, runc, unshare+chroot), interleaved run by run, with boot.json, boot.md and boot.svg
-//! as results.
+//! as results. `--workload cmd` times "fresh environment → command output" instead: `loft run
+//! -- echo`, `loft run --restore DIR -- echo` (a snapshot made once before the runs), and crun
+//! and runc running `echo`, with cmd.json, cmd.md and cmd.svg as results.
 //!
 //! ```sh
-//! cargo bench --bench boot -- [--runs N] [--out DIR] [--only NAME,...] [--timeout SECS]
+//! cargo bench --bench boot -- [--workload boot|cmd] [--runs N] [--out DIR] [--only NAME,...]
+//!                             [--timeout SECS]
 //! ```
 //!
-//! Every runner prints `GUEST-INIT-READY` on stdout and exits. Per run: ready_ms (spawn →
+//! Every runner prints its workload's marker on stdout and exits. Per run: ready_ms (spawn →
 //! marker), exit_ms (spawn → reaped), peak_rss_kib and cpu_ms (wait4 rusage of the child),
 //! vmm_overhead_kib (VMMs: RSS outside guest RAM, from /proc/PID/smaps right after the marker),
 //! and loft's `--boot-timer` phases.
 
+#[path = "boot/cmd_snapshot.rs"]
+mod cmd_snapshot;
 #[path = "boot/host.rs"]
 mod host;
 #[path = "boot/measure.rs"]
@@ -36,24 +41,35 @@ use std::time::Duration;
 
 use host::{guest_dir, host_info, utc_now, REPO};
 use report::{Config, Report, Run, Skipped};
-use runners::{Kind, Setup, MARKER};
+use runners::{Kind, Setup, Workload};
 
 /// The loft binary cargo built for this bench (bench profile = release settings).
 const LOFT_BIN: &str = env!("CARGO_BIN_EXE_loft");
 
 const USAGE: &str = "\
-usage: cargo bench --bench boot -- [--runs N] [--out DIR] [--only NAME,...] [--timeout SECS]
+usage: cargo bench --bench boot -- [--workload boot|cmd] [--runs N] [--out DIR] [--only NAME,...]
+                                   [--timeout SECS]
 
-  --runs N        runs per runner, interleaved (default 10)
-  --out DIR       where boot.json, boot.md, boot.svg and logs/ go (default target/bench/boot)
-  --only NAMES    comma-separated runners: loft-elf, loft-bzimage, qemu-microvm, firecracker,
-                  crun, runc, unshare+chroot; aliases: loft (both loft runners), qemu, unshare
+  --workload W    boot (default): every runner comes up and prints GUEST-INIT-READY; runners
+                    loft-elf, loft-bzimage, qemu-microvm, firecracker, crun, runc, unshare+chroot;
+                    a run of the whole set takes hours on a nested kvm_pvm host (guest boots of
+                    1-3 min each)
+                  cmd: fresh environment -> output of `echo LOFT-BENCH-CMD-OUTPUT`; runners
+                    loft-cold-cmd (`loft run -- echo ...`), loft-restore-cmd (`loft run --restore
+                    DIR -- echo ...`, DIR made once first by `loft snapshot create`), crun-cmd,
+                    runc-cmd; on a kvm_pvm host ~1 min per round of cold boot + ~1 min for the
+                    snapshot, so 5 runs take ~6-10 min
+  --runs N        runs per runner, interleaved (default 10 for boot, 5 for cmd)
+  --out DIR       where WORKLOAD.json, .md, .svg and logs/ go (default target/bench/WORKLOAD)
+  --only NAMES    comma-separated runners of one workload (which then needs no --workload);
+                  aliases: loft (loft-elf,loft-bzimage), qemu, unshare, cmd (every cmd runner)
   --timeout SECS  time limit of one run (default 300 for VMs, 30 for containers)
 
 environment: LOFT_GUEST_DIR (guest kernel + initramfs), LOFT_BIN (loft binary),
              FIRECRACKER (a firecracker binary; the runner is skipped without it)";
 
 struct Args {
+    workload: Workload,
     runs: usize,
     out: PathBuf,
     only: Vec<Kind>,
@@ -61,10 +77,15 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args, String> {
+    let mut workload: Option<Workload> = None;
+    let mut only: Option<Vec<Kind>> = None;
+    let mut out: Option<PathBuf> = None;
+    let mut runs: Option<usize> = None;
     let mut a = Args {
+        workload: Workload::Boot,
         runs: 10,
-        out: Path::new(REPO).join("target/bench/boot"),
-        only: Kind::ALL.to_vec(),
+        out: PathBuf::new(),
+        only: Vec::new(),
         timeout: None,
     };
     let mut it = std::env::args().skip(1);
@@ -81,14 +102,17 @@ fn parse_args() -> Result<Args, String> {
         };
         match flag.as_str() {
             "--runs" => {
-                a.runs = value("--runs")?
-                    .parse()
-                    .ok()
-                    .filter(|n| *n > 0)
-                    .ok_or_else(|| "--runs needs a positive number".to_string())?
+                runs = Some(
+                    value("--runs")?
+                        .parse()
+                        .ok()
+                        .filter(|n| *n > 0)
+                        .ok_or_else(|| "--runs needs a positive number".to_string())?,
+                )
             }
-            "--out" => a.out = PathBuf::from(value("--out")?),
-            "--only" => a.only = Kind::parse_list(&value("--only")?)?,
+            "--workload" => workload = Some(Workload::parse(&value("--workload")?)?),
+            "--out" => out = Some(PathBuf::from(value("--out")?)),
+            "--only" => only = Some(Kind::parse_list(&value("--only")?)?),
             "--timeout" => {
                 a.timeout = Some(
                     value("--timeout")?
@@ -109,6 +133,29 @@ fn parse_args() -> Result<Args, String> {
             other => return Err(format!("unknown argument '{other}'\n\n{USAGE}")),
         }
     }
+    // the runners say the workload; both workloads' runners at once would mix two tables
+    a.workload = match (&only, workload) {
+        (Some(kinds), w) => {
+            let first = kinds[0].workload();
+            if let Some(k) = kinds.iter().find(|k| k.workload() != w.unwrap_or(first)) {
+                return Err(format!(
+                    "--only: {} is a runner of the {} workload, not of {}; run the workloads \
+                     separately",
+                    k.name(),
+                    k.workload().name(),
+                    w.unwrap_or(first).name()
+                ));
+            }
+            first
+        }
+        (None, w) => w.unwrap_or(Workload::Boot),
+    };
+    a.only = only.unwrap_or_else(|| a.workload.kinds());
+    a.runs = runs.unwrap_or(match a.workload {
+        Workload::Boot => 10,
+        Workload::Cmd => 5,
+    });
+    a.out = out.unwrap_or_else(|| Path::new(REPO).join("target/bench").join(a.workload.name()));
     Ok(a)
 }
 
@@ -182,9 +229,10 @@ fn one_run(kind: Kind, setup: &Setup, round: usize, timeout: Duration, out_dir: 
         }
     };
     let shown = host::show(&prepared.cmd);
+    let marker = kind.workload().markers()[0];
     let o = measure::run(
         prepared.cmd,
-        &[MARKER],
+        kind.workload().markers(),
         timeout,
         prepared.ram.is_some(),
         prepared.stdin_pipe,
@@ -221,7 +269,7 @@ fn one_run(kind: Kind, setup: &Setup, round: usize, timeout: Duration, out_dir: 
         ))
     } else if ready.is_none() {
         Some(format!(
-            "no {MARKER} on stdout ({}); stderr: {}",
+            "no {marker} on stdout ({}); stderr: {}",
             o.status.as_deref().unwrap_or("?"),
             tail(&o.stderr, 3)
         ))
@@ -319,7 +367,7 @@ fn bench(args: Args) -> Result<(), String> {
     // the OCI bundle
     let containers = kinds
         .iter()
-        .any(|k| matches!(k, Kind::Crun | Kind::Runc | Kind::Unshare));
+        .any(|k| k.runtime().is_some() || *k == Kind::Unshare);
     let bundle_dir = Path::new(REPO).join("target/bench/oci");
     let bundle = if containers {
         eprintln!(
@@ -333,8 +381,13 @@ fn bench(args: Args) -> Result<(), String> {
     if let (true, Err(e)) = (containers, &bundle) {
         notes.push(format!("no OCI bundle, every container run fails: {e}"));
     }
+    let cmd_bundle = match &bundle {
+        Ok(b) if args.workload == Workload::Cmd => runners::cmd_bundle(b, &work.join("oci-cmd")),
+        Ok(_) => Err("not needed".into()),
+        Err(e) => Err(e.clone()),
+    };
 
-    let setup = Setup {
+    let mut setup = Setup {
         vmlinux: gdir.join("vmlinux"),
         bzimage: gdir.join("bzImage"),
         initrd: gdir.join("initramfs.cpio"),
@@ -345,6 +398,8 @@ fn bench(args: Args) -> Result<(), String> {
         qemu: host::which("qemu-system-x86_64"),
         firecracker,
         bundle: bundle.clone(),
+        cmd_bundle: cmd_bundle.clone(),
+        cmd_snapshot: Err("not made".into()),
         work: work.clone(),
         tag: format!("loft-bench-{}", std::process::id()),
     };
@@ -358,7 +413,7 @@ fn bench(args: Args) -> Result<(), String> {
             "qemu-microvm: `-cpu host`, default (anonymous) guest RAM".into()
         });
     }
-    if kinds.contains(&Kind::Crun) {
+    if kinds.contains(&Kind::Crun) || kinds.contains(&Kind::CrunCmd) {
         notes.push(
             "crun is timed including `unshare -m sh -c 'umount /sys/fs/cgroup/unified; exec crun \
              …'` (crun 1.8 refuses a hybrid cgroup host)"
@@ -368,10 +423,46 @@ fn bench(args: Args) -> Result<(), String> {
     if kinds.iter().any(|k| k.is_vm()) {
         notes.push(
         "vmm_overhead_kib = the sum of Rss over the VMM's mappings except the guest RAM mapping \
-         (loft/Firecracker: the anonymous mapping of the guest's size; QEMU: its memory-backend \
-         mapping), from /proc/PID/smaps read right after the marker"
+         (loft/Firecracker: the anonymous mapping of the guest's size; loft-restore-cmd: its \
+         private mapping of the snapshot's memory file; QEMU: its memory-backend mapping), from \
+         /proc/PID/smaps read right after the marker"
             .into(),
         );
+    }
+
+    if args.workload == Workload::Cmd {
+        notes.push(format!(
+            "crun-cmd and runc-cmd run the bundle {} (`echo` as the process, the boot workload's \
+             busybox rootfs by absolute path)",
+            cmd_bundle
+                .as_ref()
+                .map_or_else(Clone::clone, |p| p.display().to_string())
+        ));
+    }
+
+    let timeout_vm = args.timeout.unwrap_or(300.0);
+    let timeout_ct = args.timeout.unwrap_or(30.0);
+    // loft-restore-cmd's snapshot, once, before the runs
+    let snapshot_dir = work.join("cmd-snapshot");
+    let mut cmd_snapshot = None;
+    if kinds.contains(&Kind::LoftRestoreCmd) {
+        let (info, dir) = cmd_snapshot::create(
+            &setup,
+            &snapshot_dir,
+            Duration::from_secs_f64(timeout_vm),
+            &logs.join("snapshot-create.log"),
+        );
+        eprintln!(
+            "boot bench: snapshot {}",
+            match (&dir, info.create_ms) {
+                (Ok(d), Some(t)) =>
+                    format!("{} made in {} s", d.display(), stats::fmt_num(t / 1e3)),
+                (Err(e), _) => e.clone(),
+                (Ok(d), None) => d.display().to_string(),
+            }
+        );
+        setup.cmd_snapshot = dir;
+        cmd_snapshot = Some(info);
     }
 
     let mut commands = BTreeMap::new();
@@ -385,9 +476,8 @@ fn bench(args: Args) -> Result<(), String> {
             }
         }
     }
-    let timeout_vm = args.timeout.unwrap_or(300.0);
-    let timeout_ct = args.timeout.unwrap_or(30.0);
     let config = Config {
+        workload: args.workload.name().to_string(),
         runs: args.runs,
         runners: kinds.iter().map(|k| k.name().to_string()).collect(),
         timeout_vm_s: timeout_vm,
@@ -399,6 +489,7 @@ fn bench(args: Args) -> Result<(), String> {
         loft_boot_timer,
         oci_bundle: bundle.as_ref().ok().map(|p| p.display().to_string()),
         commands,
+        cmd_snapshot,
         started_utc: utc_now(),
     };
     eprintln!(
@@ -416,6 +507,7 @@ fn bench(args: Args) -> Result<(), String> {
     );
 
     // A B C A B C …: machine drift hits every runner alike
+    let sampler = host::BusySampler::start(Duration::from_secs(10));
     let mut runs: Vec<Run> = Vec::new();
     for round in 1..=args.runs {
         for k in &kinds {
@@ -440,9 +532,12 @@ fn bench(args: Args) -> Result<(), String> {
             runs.push(r);
         }
     }
+    let busy = sampler.finish();
+    let _ = std::fs::remove_dir_all(&snapshot_dir);
+    let _ = std::fs::remove_dir_all(work.join("oci-cmd"));
     let _ = std::fs::remove_dir(&work);
 
-    let summary = report::summarize(&kinds, &runs);
+    let summary = report::summarize(&kinds, &runs, args.workload);
     let rep = Report {
         host,
         config,
@@ -450,13 +545,15 @@ fn bench(args: Args) -> Result<(), String> {
         summary,
         skipped,
         notes,
+        busy,
     };
-    let json = out.join("boot.json");
+    let stem = args.workload.name();
+    let json = out.join(format!("{stem}.json"));
     report::write_json(&json, &rep)?;
     let md = report::markdown(&rep);
-    let md_path = out.join("boot.md");
+    let md_path = out.join(format!("{stem}.md"));
     std::fs::write(&md_path, &md).map_err(|e| format!("{}: {e}", md_path.display()))?;
-    let svg = out.join("boot.svg");
+    let svg = out.join(format!("{stem}.svg"));
     if let Err(e) = report::write_svg(&svg, &rep) {
         eprintln!("boot bench: plot failed: {e}");
     }

@@ -14,6 +14,8 @@ pub struct Host {
     pub kernel: String,
     pub kvm_flavour: String,
     pub loft_commit: String,
+    /// 1, 5 and 15-minute load averages when the bench started (`/proc/loadavg`).
+    pub load_avg: String,
 }
 
 fn read(path: &str) -> String {
@@ -61,7 +63,139 @@ pub fn host_info() -> Host {
         kernel: read("/proc/sys/kernel/osrelease").trim().to_string(),
         kvm_flavour: loft::KvmFlavour::detect().name().to_string(),
         loft_commit: commit,
+        load_avg: load_avg(),
     }
+}
+
+/// The 1, 5 and 15-minute load averages, e.g. `1.50 1.41 1.45`.
+pub fn load_avg() -> String {
+    read("/proc/loadavg")
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn ppid(pid: &str) -> Option<u32> {
+    // /proc/PID/stat: "pid (comm) state ppid …"; comm may hold spaces and parentheses
+    let stat = read(&format!("/proc/{pid}/stat"));
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// VMs that others run now: `loft-vmm` threads (one per loft VM, CLI or library) and QEMU
+/// processes, outside this process and its children.
+pub fn others_vms() -> usize {
+    let me = std::process::id();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut n = 0;
+    for e in dir.flatten() {
+        let pid = e.file_name().to_string_lossy().into_owned();
+        if pid.parse::<u32>().map_or(true, |p| p == me) || ppid(&pid) == Some(me) {
+            continue;
+        }
+        if read(&format!("/proc/{pid}/comm")).starts_with("qemu-system") {
+            n += 1;
+            continue;
+        }
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        n += tasks
+            .flatten()
+            .filter(|t| read(&t.path().join("comm").to_string_lossy()).trim() == "loft-vmm")
+            .count();
+    }
+    n
+}
+
+/// How busy the machine was while a bench ran, from samples taken every few seconds.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Busy {
+    pub samples: usize,
+    pub load_1m_min: f64,
+    pub load_1m_mean: f64,
+    pub load_1m_max: f64,
+    /// Others' VMs ([`others_vms`]) at once: the most, and on average.
+    pub others_vms_max: usize,
+    pub others_vms_mean: f64,
+}
+
+/// Samples the 1-minute load average and [`others_vms`] on a thread of its own.
+pub struct BusySampler {
+    stop: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<Vec<(f64, usize)>>,
+}
+
+impl BusySampler {
+    /// Samples now, then every `every` until [`BusySampler::finish`].
+    pub fn start(every: std::time::Duration) -> Self {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let mut last = false;
+            loop {
+                let load = read("/proc/loadavg")
+                    .split_whitespace()
+                    .next()
+                    .and_then(|x| x.parse().ok())
+                    .unwrap_or(f64::NAN);
+                v.push((load, others_vms()));
+                if last {
+                    return v;
+                }
+                // woken by finish(): one last sample
+                last = !matches!(
+                    stopped.recv_timeout(every),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                );
+            }
+        });
+        BusySampler { stop, thread }
+    }
+
+    /// Takes a last sample and sums them up.
+    pub fn finish(self) -> Busy {
+        let _ = self.stop.send(());
+        let v = self.thread.join().unwrap_or_default();
+        if v.is_empty() {
+            return Busy::default();
+        }
+        let n = v.len() as f64;
+        let loads = v.iter().map(|x| x.0);
+        Busy {
+            samples: v.len(),
+            load_1m_min: loads.clone().fold(f64::INFINITY, f64::min),
+            load_1m_mean: loads.clone().sum::<f64>() / n,
+            load_1m_max: loads.fold(f64::NEG_INFINITY, f64::max),
+            others_vms_max: v.iter().map(|x| x.1).max().unwrap_or(0),
+            others_vms_mean: v.iter().map(|x| x.1 as f64).sum::<f64>() / n,
+        }
+    }
+}
+
+/// One sentence on how busy the machine was, for a report.
+pub fn load_note(host: &Host, busy: &Busy) -> String {
+    format!(
+        "machine load while the bench ran ({} samples): 1-minute load average {:.1}–{:.1} \
+         (mean {:.1}) on {}; VMs of others (loft VMs in other processes, QEMU) running at the \
+         same time: up to {}, {:.1} on average. Load avg at the start: {}. On a busy machine \
+         every number stretches, guest boots most.",
+        busy.samples,
+        busy.load_1m_min,
+        busy.load_1m_max,
+        busy.load_1m_mean,
+        host.cpu,
+        busy.others_vms_max,
+        busy.others_vms_mean,
+        host.load_avg
+    )
 }
 
 /// LOFT_GUEST_DIR, else <repo>/target/guest when it has vmlinux + initramfs.cpio, else the

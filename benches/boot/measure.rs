@@ -1,6 +1,6 @@
-//! Runs one command and measures it: spawn → the first stdout containing each marker, spawn →
-//! exit, `wait4` rusage (peak RSS, CPU), and optionally the child's smaps right after the first
-//! marker.
+//! Runs one command and measures it: spawn → the first stdout byte, spawn → the first stdout
+//! containing each marker, spawn → exit, `wait4` rusage (peak RSS, CPU), and optionally the
+//! child's smaps right after the first marker.
 
 use std::io::Read;
 use std::os::unix::process::CommandExt;
@@ -15,6 +15,8 @@ pub struct Outcome {
     /// Spawn → each marker's first appearance on stdout, in the order the markers were given
     /// (capped at the exit time).
     pub marks: Vec<Option<Duration>>,
+    /// Spawn → the first byte on stdout (capped at the exit time).
+    pub first_byte: Option<Duration>,
     /// Spawn → the child was reaped.
     pub exit: Option<Duration>,
     /// The child's exit code, or the signal that killed it, as text (`exit 0`, `signal 9`).
@@ -33,13 +35,39 @@ pub struct Outcome {
     pub stderr: Vec<u8>,
     /// The command could not be started.
     pub spawn_error: Option<String>,
+    /// [`Options::on_spawn`] failed (the child was killed then).
+    pub hook_error: Option<String>,
 }
+
+/// What [`run_with`] does besides timing.
+#[derive(Default)]
+pub struct Options {
+    /// Read `/proc/PID/smaps` of the child right after the first marker.
+    pub sample_smaps: bool,
+    /// Give the child an open, empty pipe as stdin instead of /dev/null.
+    pub stdin_pipe: bool,
+    /// Send this signal to the child once the first marker appeared (for a child that would
+    /// run on forever, like a restored guest printing in a loop).
+    pub signal_at_marker: Option<libc::c_int>,
+    /// Runs on a thread of its own right after the spawn, with the child's pid (e.g. to drive
+    /// the child's API socket); an error kills the child and is kept in
+    /// [`Outcome::hook_error`].
+    pub on_spawn: Option<SpawnHook>,
+}
+
+/// See [`Options::on_spawn`].
+pub type SpawnHook = Box<dyn FnOnce(u32) -> Result<(), String> + Send>;
 
 enum Event {
     Marker,
     Exited(Instant, libc::c_int, libc::rusage),
     WaitFailed(std::io::Error),
+    HookFailed(String),
 }
+
+/// What a pipe reader gives back: every byte, when each marker first showed up, and when the
+/// first byte came.
+type PipeText = (Vec<u8>, Vec<Option<Instant>>, Option<Instant>);
 
 fn tv(t: libc::timeval) -> Duration {
     Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
@@ -73,14 +101,15 @@ fn describe(status: libc::c_int) -> (String, bool) {
     }
 }
 
-/// Reads a pipe to its end, noting the moment each marker first shows up; the first marker
-/// also sends `Event::Marker`.
+/// Reads a pipe to its end, noting the first byte and the moment each marker first shows up;
+/// the first marker also sends `Event::Marker`.
 fn read_pipe(
     mut pipe: impl Read,
     markers: &[&'static str],
     events: mpsc::Sender<Event>,
-) -> (Vec<u8>, Vec<Option<Instant>>) {
+) -> PipeText {
     let mut buf = Vec::new();
+    let mut first: Option<Instant> = None;
     let mut seen: Vec<Option<Instant>> = vec![None; markers.len()];
     let longest = markers.iter().map(|m| m.len()).max().unwrap_or(0);
     let mut chunk = [0u8; 8192];
@@ -89,6 +118,7 @@ fn read_pipe(
             Ok(0) => break,
             Ok(n) => {
                 let now = Instant::now();
+                first.get_or_insert(now);
                 let from = buf.len().saturating_sub(longest);
                 buf.extend_from_slice(&chunk[..n]);
                 for (i, m) in markers.iter().enumerate() {
@@ -105,7 +135,7 @@ fn read_pipe(
             Err(_) => break,
         }
     }
-    (buf, seen)
+    (buf, seen, first)
 }
 
 fn kill_group(pid: libc::pid_t) {
@@ -119,14 +149,29 @@ fn kill_group(pid: libc::pid_t) {
 /// Runs `cmd` (in its own process group) until it exits or `timeout` passes (then the whole
 /// group is killed), timing each of `markers` on its stdout.
 pub fn run(
-    mut cmd: Command,
+    cmd: Command,
     markers: &'static [&'static str],
     timeout: Duration,
     sample_smaps: bool,
     stdin_pipe: bool,
 ) -> Outcome {
+    let opts = Options {
+        sample_smaps,
+        stdin_pipe,
+        ..Options::default()
+    };
+    run_with(cmd, markers, timeout, opts)
+}
+
+/// [`run`] with every option.
+pub fn run_with(
+    mut cmd: Command,
+    markers: &'static [&'static str],
+    timeout: Duration,
+    opts: Options,
+) -> Outcome {
     // stdin: /dev/null, or (for a VMM that must poll its stdin) a pipe that stays open and empty
-    cmd.stdin(if stdin_pipe {
+    cmd.stdin(if opts.stdin_pipe {
         Stdio::piped()
     } else {
         Stdio::null()
@@ -147,8 +192,8 @@ pub fn run(
     let (tx, rx) = mpsc::channel::<Event>();
     let stdout = child.stdout.take().expect("piped stdout");
     let stderr = child.stderr.take().expect("piped stderr");
-    let (otx, orx) = mpsc::channel::<(Vec<u8>, Vec<Option<Instant>>)>();
-    let (etx, erx) = mpsc::channel::<(Vec<u8>, Vec<Option<Instant>>)>();
+    let (otx, orx) = mpsc::channel::<PipeText>();
+    let (etx, erx) = mpsc::channel::<PipeText>();
     {
         let tx = tx.clone();
         thread::spawn(move || {
@@ -170,6 +215,14 @@ pub fn run(
             });
         });
     }
+    if let Some(hook) = opts.on_spawn {
+        let tx = tx.clone();
+        thread::spawn(move || {
+            if let Err(e) = hook(pid as u32) {
+                let _ = tx.send(Event::HookFailed(e));
+            }
+        });
+    }
     drop(tx);
     // held open until the child is gone
     let _stdin = child.stdin.take();
@@ -187,9 +240,18 @@ pub fn run(
         };
         match ev {
             Ok(Event::Marker) => {
-                if sample_smaps {
+                if opts.sample_smaps {
                     out.smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok();
                 }
+                if let Some(sig) = opts.signal_at_marker {
+                    // SAFETY: a signal to our own child, not yet reaped (the wait4 thread
+                    // reports its exit through this loop).
+                    unsafe { libc::kill(pid, sig) };
+                }
+            }
+            Ok(Event::HookFailed(e)) => {
+                out.hook_error = Some(e);
+                kill_group(pid);
             }
             Ok(Event::Exited(at, status, ru)) => {
                 out.exit = Some(at - t0);
@@ -218,7 +280,7 @@ pub fn run(
     // Pipes close when every process holding them is gone; a straggler (e.g. a container process
     // that outlived its runtime) gets a few seconds, then its group is killed.
     let grace = Duration::from_secs(5);
-    let (stdout, seen) = orx.recv_timeout(grace).unwrap_or_else(|_| {
+    let (stdout, seen, first) = orx.recv_timeout(grace).unwrap_or_else(|_| {
         kill_group(pid);
         orx.recv_timeout(grace).unwrap_or_default()
     });
@@ -226,11 +288,15 @@ pub fn run(
     // marker event was handled above. A marker was in the pipe before the child exited, so a
     // reader scheduled late is capped at the exit time.
     let t_exit = out.exit;
+    let capped = |at: Instant| {
+        let t = at - t0;
+        t_exit.map_or(t, |exit| t.min(exit))
+    };
+    out.first_byte = first.map(capped);
     out.marks = (0..markers.len())
         .map(|i| {
             let at = seen.get(i).copied().flatten()?;
-            let t = at - t0;
-            Some(t_exit.map_or(t, |exit| t.min(exit)))
+            Some(capped(at))
         })
         .collect();
     out.stdout = stdout;

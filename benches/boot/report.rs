@@ -1,11 +1,12 @@
-//! The results: boot.json (raw runs + summary), boot.md (table of medians), boot.svg (plot).
+//! The results: WORKLOAD.json (raw runs + summary), WORKLOAD.md (table of medians), WORKLOAD.svg
+//! (plot), for the boot and the cmd workload.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::Serialize;
 
-use crate::runners::Kind;
+use crate::runners::{Kind, Workload};
 use crate::stats::{self, fmt_num, fmt_spread, Spread};
 use crate::timer::{BootTimer, PHASES};
 
@@ -14,6 +15,8 @@ pub use crate::host::Host;
 /// How the benchmark was run.
 #[derive(Debug, Serialize)]
 pub struct Config {
+    /// `boot` or `cmd`.
+    pub workload: String,
     pub runs: usize,
     pub runners: Vec<String>,
     pub timeout_vm_s: f64,
@@ -26,7 +29,24 @@ pub struct Config {
     pub oci_bundle: Option<String>,
     /// One example command per runner.
     pub commands: BTreeMap<String, String>,
+    /// The snapshot loft-restore-cmd restores, made once before the runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cmd_snapshot: Option<CmdSnapshot>,
     pub started_utc: String,
+}
+
+/// `loft snapshot create` for loft-restore-cmd: how it went and what it made.
+#[derive(Debug, Serialize)]
+pub struct CmdSnapshot {
+    pub command: String,
+    pub ok: bool,
+    /// Spawn → exit of `loft snapshot create` (a boot to the agent, then the save).
+    pub create_ms: Option<f64>,
+    /// Apparent size of the memory file.
+    pub memory_bytes: Option<u64>,
+    /// Blocks the memory file has on disk.
+    pub memory_on_disk_bytes: Option<u64>,
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -62,6 +82,9 @@ pub struct Summary {
     pub vmm_overhead_kib: Option<Spread>,
     /// Median ready_ms over loft-elf's median ready_ms.
     pub ratio_to_loft: Option<f64>,
+    /// cmd workload: median ready_ms over each base runner's (loft-cold-cmd, crun-cmd).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub ready_ratio_to: BTreeMap<String, f64>,
     /// What peak_rss_kib and cpu_ms cover for this runner.
     pub measures: String,
 }
@@ -80,6 +103,8 @@ pub struct Report {
     pub summary: Vec<Summary>,
     pub skipped: Vec<Skipped>,
     pub notes: Vec<String>,
+    /// How busy the machine was meanwhile.
+    pub busy: crate::host::Busy,
 }
 
 fn spread_of<T: Copy + Into<f64>>(
@@ -99,7 +124,7 @@ fn kib(x: Option<u64>) -> Option<f64> {
 }
 
 /// One summary row per runner (in `kinds` order), statistics over ok runs only.
-pub fn summarize(kinds: &[Kind], runs: &[Run]) -> Vec<Summary> {
+pub fn summarize(kinds: &[Kind], runs: &[Run], workload: Workload) -> Vec<Summary> {
     let mut rows: Vec<Summary> = kinds
         .iter()
         .map(|k| {
@@ -115,6 +140,7 @@ pub fn summarize(kinds: &[Kind], runs: &[Run]) -> Vec<Summary> {
                 cpu_ms: spread_of(&ok, |r| r.cpu_ms),
                 vmm_overhead_kib: spread_of(&ok, |r| kib(r.vmm_overhead_kib)),
                 ratio_to_loft: None,
+                ready_ratio_to: BTreeMap::new(),
                 measures: k.measures().to_string(),
             }
         })
@@ -127,11 +153,45 @@ pub fn summarize(kinds: &[Kind], runs: &[Run]) -> Vec<Summary> {
     for r in &mut rows {
         r.ratio_to_loft = stats::ratio(r.ready_ms.map(|s| s.median), base);
     }
+    if workload == Workload::Cmd {
+        let median_of = |rows: &[Summary], k: Kind| {
+            rows.iter()
+                .find(|s| s.runner == k.name())
+                .and_then(|s| s.ready_ms)
+                .map(|s| s.median)
+        };
+        for base in workload.ratio_bases() {
+            let b = median_of(&rows, *base);
+            for r in &mut rows {
+                if let Some(x) = stats::ratio(r.ready_ms.map(|s| s.median), b) {
+                    r.ready_ratio_to.insert(base.name().to_string(), x);
+                }
+            }
+        }
+    }
     rows
 }
 
+/// The boot-timer phases seen in `runs`, in loft's order: [`PHASES`], with `restored` after
+/// `vm_built` when a restore was timed, and phases this bench does not know at the end.
+fn phase_columns(runs: &[Run]) -> Vec<String> {
+    let mut cols: Vec<String> = PHASES.iter().map(|p| p.to_string()).collect();
+    for t in runs.iter().filter_map(|r| r.boot_timer.as_ref()) {
+        for name in t.other.keys() {
+            if !cols.contains(name) {
+                if name == "restored" {
+                    cols.insert(1, name.clone());
+                } else {
+                    cols.push(name.clone());
+                }
+            }
+        }
+    }
+    cols
+}
+
 /// Median wall/CPU ms of each boot-timer phase over a runner's ok runs.
-fn phase_medians(runs: &[Run], runner: &str) -> Option<Vec<(f64, f64, usize)>> {
+fn phase_medians(runs: &[Run], runner: &str, phases: &[String]) -> Option<Vec<(f64, f64, usize)>> {
     let timers: Vec<&BootTimer> = runs
         .iter()
         .filter(|r| r.runner == runner && r.ok)
@@ -141,7 +201,7 @@ fn phase_medians(runs: &[Run], runner: &str) -> Option<Vec<(f64, f64, usize)>> {
         return None;
     }
     Some(
-        PHASES
+        phases
             .iter()
             .map(|p| {
                 let marks: Vec<_> = timers.iter().filter_map(|t| t.get(p)).collect();
@@ -157,9 +217,69 @@ fn phase_medians(runs: &[Run], runner: &str) -> Option<Vec<(f64, f64, usize)>> {
     )
 }
 
+fn workload_of(r: &Report) -> Workload {
+    Workload::parse(&r.config.workload).unwrap_or(Workload::Boot)
+}
+
+/// The title and the paragraph saying what was timed.
+fn intro(r: &Report) -> (String, String) {
+    match workload_of(r) {
+        Workload::Boot => (
+            "loft boot benchmark".into(),
+            format!(
+                "Workload: the VMs boot the guest in `{}` (`vmlinux`, or `bzImage` for \
+                 loft-bzimage, + `initramfs.cpio`; {} MiB, 1 vCPU) to `GUEST-INIT-READY` on the \
+                 serial console, then reboot, which ends the VMM; the containers run `/bin/sh -c \
+                 'echo GUEST-INIT-READY'` in the same busybox tree. ready = spawn → marker on \
+                 stdout, exit = spawn → reaped. Medians of the ok runs (min–max).",
+                r.config.guest_dir, r.config.guest_mem_mib
+            ),
+        ),
+        Workload::Cmd => {
+            let snap = match &r.config.cmd_snapshot {
+                Some(c) if c.ok => format!(
+                    " loft-restore-cmd's snapshot was made once before the runs by `{}`: {} s \
+                     (a cold boot to the guest agent, then the save), memory file {} MiB \
+                     allocated of {} MiB.",
+                    c.command,
+                    c.create_ms.map_or("–".into(), |x| fmt_num(x / 1e3)),
+                    c.memory_on_disk_bytes
+                        .map_or("–".into(), |x| fmt_num(x as f64 / (1 << 20) as f64)),
+                    c.memory_bytes.map_or("–".into(), |x| (x >> 20).to_string()),
+                ),
+                Some(c) => format!(
+                    " `{}` failed: {}.",
+                    c.command,
+                    c.error.as_deref().unwrap_or("?")
+                ),
+                None => String::new(),
+            };
+            (
+                "loft command benchmark: fresh environment → command output".into(),
+                format!(
+                    "Workload: a fresh environment runs `echo {}` and its output comes back on \
+                     stdout. loft-cold-cmd: `loft run -- echo …` boots the guest in `{}` \
+                     (`vmlinux` + `initramfs.cpio`, {} MiB, 1 vCPU) and runs the command \
+                     through the guest agent; loft-restore-cmd: `loft run --restore DIR -- echo \
+                     …` restores a snapshot of that guest taken once its agent answered, then \
+                     the same; crun-cmd / runc-cmd: the OCI runtime runs `echo` in the same \
+                     busybox tree as the boot workload's containers. Either way the environment \
+                     is gone at exit. ready = spawn → the output on stdout, exit = spawn → \
+                     reaped. Medians of the ok runs (min–max).{snap}",
+                    crate::runners::CMD_MARKER,
+                    r.config.guest_dir,
+                    r.config.guest_mem_mib
+                ),
+            )
+        }
+    }
+}
+
 pub fn markdown(r: &Report) -> String {
+    let workload = workload_of(r);
+    let (title, intro) = intro(r);
     let mut s = String::new();
-    s.push_str("# loft boot benchmark\n\n");
+    s.push_str(&format!("# {title}\n\n"));
     s.push_str(&format!(
         "Host: {} · Linux {} · KVM {} · loft {} · {} runs per runner, interleaved · {}\n\n",
         r.host.cpu,
@@ -169,19 +289,36 @@ pub fn markdown(r: &Report) -> String {
         r.config.runs,
         r.config.started_utc
     ));
+    s.push_str(&intro);
+    s.push_str("\n\n");
+    let bases = workload.ratio_bases();
+    let ready = match workload {
+        Workload::Boot => "ready ms",
+        Workload::Cmd => "output ms",
+    };
+    let ratio_heads: Vec<String> = bases
+        .iter()
+        .map(|b| format!("{} ÷ {}", ready.trim_end_matches(" ms"), b.name()))
+        .collect();
     s.push_str(&format!(
-        "Workload: the VMs boot the guest in `{}` (`vmlinux`, or `bzImage` for loft-bzimage, + \
-         `initramfs.cpio`; {} MiB, 1 vCPU) to `GUEST-INIT-READY` on the serial console, then \
-         reboot, which ends the VMM; the containers run `/bin/sh -c 'echo GUEST-INIT-READY'` in \
-         the same busybox tree. ready = spawn → marker on stdout, exit = spawn → reaped. Medians \
-         of the ok runs (min–max).\n\n",
-        r.config.guest_dir, r.config.guest_mem_mib
+        "| runner | ok | failed | {ready} | exit ms | peak RSS KiB | CPU ms | VMM overhead KiB | {} |\n",
+        ratio_heads.join(" | ")
     ));
-    s.push_str(
-        "| runner | ok | failed | ready ms | exit ms | peak RSS KiB | CPU ms | VMM overhead KiB | ready ÷ loft-elf |\n",
-    );
-    s.push_str("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+    s.push_str(&format!(
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |{}\n",
+        " ---: |".repeat(bases.len())
+    ));
     for row in &r.summary {
+        let ratios: Vec<String> = match workload {
+            Workload::Boot => vec![row.ratio_to_loft],
+            Workload::Cmd => bases
+                .iter()
+                .map(|b| row.ready_ratio_to.get(b.name()).copied())
+                .collect(),
+        }
+        .into_iter()
+        .map(|x| x.map(stats::fmt_ratio).unwrap_or_else(|| "–".into()))
+        .collect();
         s.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             row.runner,
@@ -192,15 +329,15 @@ pub fn markdown(r: &Report) -> String {
             fmt_spread(row.peak_rss_kib),
             fmt_spread(row.cpu_ms),
             fmt_spread(row.vmm_overhead_kib),
-            row.ratio_to_loft
-                .map(stats::fmt_ratio)
-                .unwrap_or_else(|| "–".into()),
+            ratios.join(" | "),
         ));
     }
     for sk in &r.skipped {
         s.push_str(&format!(
-            "| {} | – | – | skipped: {} | | | | | |\n",
-            sk.runner, sk.reason
+            "| {} | – | – | skipped: {} | | | | |{}\n",
+            sk.runner,
+            sk.reason,
+            " |".repeat(bases.len())
         ));
     }
 
@@ -232,10 +369,11 @@ pub fn markdown(r: &Report) -> String {
              that moment (`--boot-timer`), ok runs.\n\n",
         );
         if r.config.loft_boot_timer {
-            s.push_str(&format!("| runner | {} |\n", PHASES.join(" | ")));
-            s.push_str(&format!("| --- |{}\n", " ---: |".repeat(PHASES.len())));
+            let phases = phase_columns(&r.runs);
+            s.push_str(&format!("| runner | {} |\n", phases.join(" | ")));
+            s.push_str(&format!("| --- |{}\n", " ---: |".repeat(phases.len())));
             for row in loft_rows {
-                match phase_medians(&r.runs, &row.runner) {
+                match phase_medians(&r.runs, &row.runner, &phases) {
                     Some(ph) => {
                         let cells: Vec<String> = ph
                             .iter()
@@ -257,7 +395,7 @@ pub fn markdown(r: &Report) -> String {
                         } else {
                             "no boot-timer line"
                         },
-                        " | –".repeat(PHASES.len() - 1)
+                        " | –".repeat(phases.len() - 1)
                     )),
                 }
             }
@@ -276,6 +414,7 @@ pub fn markdown(r: &Report) -> String {
     for n in &r.notes {
         s.push_str(&format!("- {n}\n"));
     }
+    s.push_str(&format!("- {}\n", crate::host::load_note(&r.host, &r.busy)));
     s
 }
 
@@ -315,8 +454,9 @@ pub fn write_svg(path: &Path, r: &Report) -> Result<(), String> {
     let root = SVGBackend::new(path, (1000, height)).into_drawing_area();
     let err = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
     root.fill(&WHITE).map_err(|e| err(&e))?;
+    let marker = workload_of(r).markers()[0];
     let caption = format!(
-        "spawn → GUEST-INIT-READY, {} runs/runner ({}; {})",
+        "spawn → {marker}, {} runs/runner ({}; {})",
         r.config.runs, r.host.kvm_flavour, r.host.loft_commit
     );
     let mut chart = ChartBuilder::on(&root)
@@ -358,7 +498,7 @@ pub fn write_svg(path: &Path, r: &Report) -> Result<(), String> {
     };
     chart
         .configure_mesh()
-        .x_desc("time from spawn to GUEST-INIT-READY (log scale)")
+        .x_desc(format!("time from spawn to {marker} (log scale)"))
         .y_labels(n as usize + 2)
         .y_label_formatter(&y_label)
         .x_label_formatter(&x_label)

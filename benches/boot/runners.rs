@@ -7,8 +7,60 @@ use crate::host::which;
 use crate::smaps::GuestRam;
 use crate::vm::{qemu_microvm, GUEST_MEM_MIB};
 
-/// What every runner prints on stdout once its workload is up.
+/// What every runner of the boot workload prints on stdout once its workload is up.
 pub const MARKER: &str = "GUEST-INIT-READY";
+/// What every runner of the cmd workload runs `echo` with.
+pub const CMD_MARKER: &str = "LOFT-BENCH-CMD-OUTPUT";
+
+/// What the runners do: boot to a marker, or give a command's output in a fresh environment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Workload {
+    /// The guest (or a container) comes up and prints [`MARKER`].
+    Boot,
+    /// A fresh VM or container runs `echo` [`CMD_MARKER`]; loft's output is the command's.
+    Cmd,
+}
+
+impl Workload {
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Boot => "boot",
+            Workload::Cmd => "cmd",
+        }
+    }
+
+    pub fn parse(word: &str) -> Result<Workload, String> {
+        match word {
+            "boot" => Ok(Workload::Boot),
+            "cmd" => Ok(Workload::Cmd),
+            w => Err(format!("unknown workload '{w}'; known: boot, cmd")),
+        }
+    }
+
+    /// The one marker its runners are timed to.
+    pub fn markers(self) -> &'static [&'static str] {
+        match self {
+            Workload::Boot => &[MARKER],
+            Workload::Cmd => &[CMD_MARKER],
+        }
+    }
+
+    /// Its runners, in the canonical order.
+    pub fn kinds(self) -> Vec<Kind> {
+        Kind::ALL
+            .into_iter()
+            .filter(|k| k.workload() == self)
+            .collect()
+    }
+
+    /// The runners whose median ready time the others are divided by, in table order.
+    pub fn ratio_bases(self) -> &'static [Kind] {
+        match self {
+            Workload::Boot => &[Kind::LoftElf],
+            Workload::Cmd => &[Kind::LoftColdCmd, Kind::CrunCmd],
+        }
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Kind {
@@ -19,10 +71,14 @@ pub enum Kind {
     Crun,
     Runc,
     Unshare,
+    LoftColdCmd,
+    LoftRestoreCmd,
+    CrunCmd,
+    RuncCmd,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 11] = [
         Kind::LoftElf,
         Kind::LoftBzimage,
         Kind::Qemu,
@@ -30,6 +86,10 @@ impl Kind {
         Kind::Crun,
         Kind::Runc,
         Kind::Unshare,
+        Kind::LoftColdCmd,
+        Kind::LoftRestoreCmd,
+        Kind::CrunCmd,
+        Kind::RuncCmd,
     ];
 
     pub fn name(self) -> &'static str {
@@ -41,33 +101,67 @@ impl Kind {
             Kind::Crun => "crun",
             Kind::Runc => "runc",
             Kind::Unshare => "unshare+chroot",
+            Kind::LoftColdCmd => "loft-cold-cmd",
+            Kind::LoftRestoreCmd => "loft-restore-cmd",
+            Kind::CrunCmd => "crun-cmd",
+            Kind::RuncCmd => "runc-cmd",
+        }
+    }
+
+    pub fn workload(self) -> Workload {
+        match self {
+            Kind::LoftColdCmd | Kind::LoftRestoreCmd | Kind::CrunCmd | Kind::RuncCmd => {
+                Workload::Cmd
+            }
+            _ => Workload::Boot,
         }
     }
 
     pub fn is_vm(self) -> bool {
         matches!(
             self,
-            Kind::LoftElf | Kind::LoftBzimage | Kind::Qemu | Kind::Firecracker
+            Kind::LoftElf
+                | Kind::LoftBzimage
+                | Kind::Qemu
+                | Kind::Firecracker
+                | Kind::LoftColdCmd
+                | Kind::LoftRestoreCmd
         )
     }
 
     pub fn is_loft(self) -> bool {
-        matches!(self, Kind::LoftElf | Kind::LoftBzimage)
+        matches!(
+            self,
+            Kind::LoftElf | Kind::LoftBzimage | Kind::LoftColdCmd | Kind::LoftRestoreCmd
+        )
+    }
+
+    /// A container runtime's runner: the runtime's command name.
+    pub fn runtime(self) -> Option<&'static str> {
+        match self {
+            Kind::Crun | Kind::CrunCmd => Some("crun"),
+            Kind::Runc | Kind::RuncCmd => Some("runc"),
+            _ => None,
+        }
     }
 
     /// What `peak_rss_kib` and `cpu_ms` (wait4's rusage of the spawned child) cover.
     pub fn measures(self) -> &'static str {
         match self {
-            Kind::LoftElf | Kind::LoftBzimage => {
+            Kind::LoftElf | Kind::LoftBzimage | Kind::LoftColdCmd => {
                 "the loft process (guest RAM pages it touched included)"
+            }
+            Kind::LoftRestoreCmd => {
+                "the loft process (the pages of the snapshot's memory file the guest touched \
+                 included)"
             }
             Kind::Qemu => "the QEMU process (guest RAM pages in /dev/shm it touched included)",
             Kind::Firecracker => "the firecracker process (guest RAM pages it touched included)",
-            Kind::Crun => {
+            Kind::Crun | Kind::CrunCmd => {
                 "unshare -m → sh → crun (one exec chain, one pid; timed as a whole) and the \
                  container process crun reaps: RSS = the largest of them, CPU = their sum"
             }
-            Kind::Runc => {
+            Kind::Runc | Kind::RuncCmd => {
                 "runc and the runc-init/container process it reaps: RSS = the largest, CPU = the sum"
             }
             Kind::Unshare => {
@@ -84,12 +178,13 @@ impl Kind {
                 "loft" => vec![Kind::LoftElf, Kind::LoftBzimage],
                 "unshare" | "chroot" => vec![Kind::Unshare],
                 "qemu" => vec![Kind::Qemu],
+                "cmd" => Workload::Cmd.kinds(),
                 w => match Kind::ALL.iter().find(|k| k.name() == w) {
                     Some(k) => vec![*k],
                     None => {
                         return Err(format!(
                             "unknown runner '{w}' in --only; known: {}, and the aliases loft \
-                             (= loft-elf,loft-bzimage), qemu, unshare",
+                             (= loft-elf,loft-bzimage), qemu, unshare, cmd (= every cmd runner)",
                             Kind::ALL.map(Kind::name).join(", ")
                         ))
                     }
@@ -142,9 +237,32 @@ pub struct Setup {
     pub firecracker: Option<PathBuf>,
     /// The OCI bundle, or why there is none.
     pub bundle: Result<PathBuf, String>,
+    /// The cmd workload's bundle (the same rootfs, `echo CMD_MARKER` as its process), or why
+    /// there is none.
+    pub cmd_bundle: Result<PathBuf, String>,
+    /// The snapshot loft-restore-cmd restores, or why there is none.
+    pub cmd_snapshot: Result<PathBuf, String>,
     /// Scratch files (Firecracker configs).
     pub work: PathBuf,
     pub tag: String,
+}
+
+/// The cmd workload's OCI bundle in `dir`: `bundle`'s config.json with `echo CMD_MARKER` as the
+/// process and `bundle`'s rootfs (by absolute path) as the root, so both workloads run in the
+/// same busybox tree.
+pub fn cmd_bundle(bundle: &Path, dir: &Path) -> Result<PathBuf, String> {
+    let src = bundle.join("config.json");
+    let text =
+        std::fs::read_to_string(&src).map_err(|e| format!("cannot read {}: {e}", src.display()))?;
+    let mut config: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", src.display()))?;
+    config["process"]["args"] = serde_json::json!(["echo", CMD_MARKER]);
+    config["root"]["path"] = serde_json::json!(bundle.join("rootfs"));
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let dst = dir.join("config.json");
+    std::fs::write(&dst, serde_json::to_vec_pretty(&config).expect("json"))
+        .map_err(|e| format!("cannot write {}: {e}", dst.display()))?;
+    Ok(dir.to_path_buf())
 }
 
 /// One run's command, its guest RAM (VMs), and what to clean up afterwards.
@@ -271,12 +389,48 @@ pub fn prepare(kind: Kind, s: &Setup, iter: usize) -> Result<Prepared, String> {
                 stdin_pipe: true,
             })
         }
-        Kind::Crun | Kind::Runc => {
-            let rt = if kind == Kind::Crun { "crun" } else { "runc" };
+        Kind::LoftColdCmd | Kind::LoftRestoreCmd => {
+            need(&s.loft, "loft binary")?;
+            let mut cmd = Command::new(&s.loft);
+            cmd.arg("run");
+            let ram = if kind == Kind::LoftColdCmd {
+                need(&s.vmlinux, "guest kernel")?;
+                need(&s.initrd, "guest initramfs")?;
+                cmd.arg("--kernel")
+                    .arg(&s.vmlinux)
+                    .arg("--initrd")
+                    .arg(&s.initrd)
+                    .arg("--memory")
+                    .arg(format!("{GUEST_MEM_MIB}M"));
+                Ram::Anonymous(guest_bytes)
+            } else {
+                let dir = s.cmd_snapshot.as_ref().map_err(Clone::clone)?;
+                cmd.arg("--restore").arg(dir);
+                // guest RAM is the snapshot's memory file, mapped privately
+                Ram::File(dir.join("memory").display().to_string(), guest_bytes)
+            };
+            if s.loft_boot_timer {
+                cmd.arg("--boot-timer");
+            }
+            cmd.args(["--", "echo", CMD_MARKER]);
+            Ok(Prepared {
+                cmd,
+                ram: Some(ram),
+                cleanup: vec![],
+                stdin_pipe: false,
+            })
+        }
+        Kind::Crun | Kind::Runc | Kind::CrunCmd | Kind::RuncCmd => {
+            let rt = kind.runtime().expect("a container runtime's runner");
             let bin = which(rt)
                 .ok_or_else(|| format!("{rt} is not installed (scripts/install-deps.sh)"))?;
-            let bundle = s.bundle.as_ref().map_err(Clone::clone)?;
-            let cmd = if kind == Kind::Crun {
+            let bundle = if kind.workload() == Workload::Cmd {
+                &s.cmd_bundle
+            } else {
+                &s.bundle
+            };
+            let bundle = bundle.as_ref().map_err(Clone::clone)?;
+            let cmd = if rt == "crun" {
                 // crun 1.8 refuses a hybrid cgroup host ("cgroups in hybrid mode not
                 // supported"): run it in a private mount namespace without the cgroup2 mount.
                 let mut c = Command::new("unshare");
