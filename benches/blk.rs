@@ -16,6 +16,7 @@ mod guest;
 #[allow(dead_code)] // shared with the boot and snapshot benches
 #[path = "boot/host.rs"]
 mod host;
+#[allow(dead_code)] // shared with the boot and snapshot benches
 #[path = "boot/measure.rs"]
 mod measure;
 #[path = "boot/stats.rs"]

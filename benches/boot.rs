@@ -533,6 +533,14 @@ fn bench(args: Args) -> Result<(), String> {
         }
     }
     let busy = sampler.finish();
+    if let Some(own) = measure::own_peak_rss_kib() {
+        notes.push(format!(
+            "peak RSS is wait4's ru_maxrss, which Linux never reports below the spawning \
+             process's own peak RSS (the child carries the bench's memory until its exec): this \
+             bench's own peak RSS was {own} KiB, so a figure at or near it (the containers') is \
+             an upper bound"
+        ));
+    }
     let _ = std::fs::remove_dir_all(&snapshot_dir);
     let _ = std::fs::remove_dir_all(work.join("oci-cmd"));
     let _ = std::fs::remove_dir(&work);

@@ -25,8 +25,13 @@ pub struct Outcome {
     pub success: bool,
     /// The run hit its time limit and was killed.
     pub timed_out: bool,
-    /// `ru_maxrss` of `wait4`, KiB.
+    /// `ru_maxrss` of `wait4`, KiB. Linux counts the spawning process's own peak RSS into it
+    /// (the child carries the bench's memory until its exec), so it is never below
+    /// [`own_peak_rss_kib`] of the bench at the spawn.
     pub peak_rss_kib: Option<u64>,
+    /// The child's own peak RSS (`VmHWM` of /proc/PID/status) right after the first marker,
+    /// KiB: unlike `peak_rss_kib`, nothing of the bench's.
+    pub hwm_at_marker_kib: Option<u64>,
     /// `ru_utime + ru_stime` of `wait4`.
     pub cpu: Option<Duration>,
     /// `/proc/PID/smaps` of the child, read right after the first marker appeared.
@@ -138,6 +143,24 @@ fn read_pipe(
     (buf, seen, first)
 }
 
+/// `VmHWM` of /proc/`pid`/status, KiB.
+fn vm_hwm_kib(pid: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// This process's peak RSS so far, KiB.
+pub fn own_peak_rss_kib() -> Option<u64> {
+    vm_hwm_kib("self")
+}
+
 fn kill_group(pid: libc::pid_t) {
     // SAFETY: signals to our own child's process group and to the child.
     unsafe {
@@ -240,6 +263,7 @@ pub fn run_with(
         };
         match ev {
             Ok(Event::Marker) => {
+                out.hwm_at_marker_kib = vm_hwm_kib(&pid.to_string());
                 if opts.sample_smaps {
                     out.smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok();
                 }
