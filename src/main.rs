@@ -50,8 +50,8 @@ struct CreateArgs {
     /// Where the snapshot goes (created when missing; an older snapshot there is replaced).
     #[arg(value_name = "DIR")]
     dir: PathBuf,
-    /// Take the snapshot when the guest's console prints TEXT, instead of when its agent
-    /// answers.
+    /// Take the snapshot when the guest's console prints a line holding TEXT (the kernel's echo
+    /// of its command line aside), instead of when its agent answers.
     #[arg(long, value_name = "TEXT")]
     when_console: Option<String>,
     #[command(flatten)]
@@ -280,37 +280,50 @@ fn snapshot_create(args: CreateArgs, started: Instant) -> Result<(), loft::Error
     Ok(())
 }
 
-/// Watches the console for a text, across writes.
+/// Watches the console for a line holding a text. The kernel's echoes of its own command line
+/// (which holds the guest command that will print the text) do not count.
 struct ConsoleWatch {
     text: Option<String>,
-    tail: std::sync::Mutex<(Vec<u8>, bool)>,
+    state: std::sync::Mutex<(Vec<u8>, bool)>,
 }
+
+/// Longest console line kept whole; the text is looked for in the last part of longer ones.
+const WATCH_LINE_MAX: usize = 4096;
 
 impl ConsoleWatch {
     fn new(text: Option<String>) -> Self {
         Self {
             text,
-            tail: std::sync::Mutex::new((Vec::new(), false)),
+            state: std::sync::Mutex::new((Vec::new(), false)),
         }
     }
 
     fn feed(&self, bytes: &[u8]) {
         let Some(text) = &self.text else { return };
-        let mut t = self.tail.lock().unwrap_or_else(|e| e.into_inner());
-        t.0.extend_from_slice(bytes);
-        if t.0.windows(text.len()).any(|w| w == text.as_bytes()) {
-            t.1 = true;
+        let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (line, seen) = &mut *guard;
+        for &b in bytes {
+            if b != b'\n' {
+                line.push(b);
+                if line.len() > WATCH_LINE_MAX {
+                    line.drain(..line.len() - WATCH_LINE_MAX / 2);
+                }
+                continue;
+            }
+            let l = String::from_utf8_lossy(line);
+            // "Command line: …", "Kernel command line: …", "Unknown kernel command line
+            // parameters …": the kernel repeating what it was given.
+            if l.contains(text.as_str()) && !l.to_ascii_lowercase().contains("command line") {
+                *seen = true;
+            }
+            line.clear();
         }
-        // Keep only what a match spanning the next write could need.
-        let keep = text.len().saturating_sub(1);
-        let cut = t.0.len().saturating_sub(keep);
-        t.0.drain(..cut);
     }
 
     /// Waits until the text was seen (true) or the VM stopped (false).
     fn wait(&self, vm: &VmHandle) -> Result<bool, loft::Error> {
         loop {
-            if self.tail.lock().unwrap_or_else(|e| e.into_inner()).1 {
+            if self.state.lock().unwrap_or_else(|e| e.into_inner()).1 {
                 return Ok(true);
             }
             if vm.is_finished() {

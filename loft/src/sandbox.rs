@@ -662,6 +662,12 @@ impl VmHandle {
         Ok(())
     }
 
+    /// The id the guest is told after a restore (in `/run/loft/clone-id`), unique in this
+    /// process and across processes: the process id and a counter.
+    pub fn clone_id(&self) -> &str {
+        &self.clone_id
+    }
+
     /// Saves the running VM to `dir` (created when missing; a snapshot already there is
     /// replaced) and lets it run on. The vCPUs are paused meanwhile, device work is finished
     /// first and writable disks are flushed, so the disk files match the saved memory.

@@ -46,3 +46,18 @@ pub fn loft_threads_when(done: impl Fn(usize) -> bool) -> usize {
 pub fn loft_threads_after_exit() -> usize {
     loft_threads_when(|n| n == 0)
 }
+
+/// VMs running inside this test process. A test that counts loft's threads or this process's
+/// fds takes it exclusively, so no other test's VM is counted; a test that starts VMs in this
+/// process takes it shared. (VMs in `loft` child processes need neither.)
+pub static IN_PROCESS_VMS: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// Starts VMs in this process beside other such tests.
+pub fn in_process_vms() -> std::sync::RwLockReadGuard<'static, ()> {
+    IN_PROCESS_VMS.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Alone among the tests that start VMs in this process.
+pub fn only_in_process_vms() -> std::sync::RwLockWriteGuard<'static, ()> {
+    IN_PROCESS_VMS.write().unwrap_or_else(|e| e.into_inner())
+}

@@ -67,6 +67,7 @@ fn three_vms_each_run_their_own_commands_then_everything_is_released() {
     // Three guests at once: take every boot slot so no other test boots beside them.
     let _a = BootSlot::acquire();
     let _b = BootSlot::acquire();
+    let _alone = common::only_in_process_vms();
     let fds_before = open_fds();
     assert_eq!(
         common::loft_threads_after_exit(),

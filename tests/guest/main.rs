@@ -13,6 +13,7 @@ mod common;
 
 mod bench_boot;
 mod boot;
+mod clones;
 mod exec;
 mod snapshot;
 mod virtio;

@@ -19,23 +19,26 @@ const RESTORE_TIMEOUT: Duration = Duration::from_secs(120);
 /// What the guest wrote and synced to its data disk before the snapshot.
 const DISK_LINE: &str = "synced-before-snapshot";
 
-struct AgentSnapshot {
-    dir: PathBuf,
-    disk: PathBuf,
+pub struct AgentSnapshot {
+    pub dir: PathBuf,
+    pub disk: PathBuf,
+    /// The guest's uptime (seconds) right before the snapshot.
+    pub uptime: f64,
 }
 
-fn scratch(name: &str) -> PathBuf {
+pub fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("loft-snaptest-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir.join(name)
 }
 
 /// The agent-ready snapshot, made once by whichever test needs it first.
-fn agent_snapshot() -> &'static AgentSnapshot {
+pub fn agent_snapshot() -> &'static AgentSnapshot {
     static SNAP: OnceLock<AgentSnapshot> = OnceLock::new();
     SNAP.get_or_init(|| {
         common::require_kvm();
         let _slot = BootSlot::acquire();
+        let _vms = common::in_process_vms();
         let disk = scratch("data.img");
         std::fs::write(&disk, vec![0u8; 4 << 20]).unwrap();
         let vm = VmBuilder::new()
@@ -59,6 +62,8 @@ fn agent_snapshot() -> &'static AgentSnapshot {
                 )
             });
         assert_eq!(out.status, ExitStatus::Code(0), "{out:?}");
+        let up = vm.exec(&ExecRequest::new(["cat", "/proc/uptime"])).unwrap();
+        let uptime = uptime_of(&up.stdout);
         let dir = scratch("agent-snapshot");
         let info = vm.snapshot_and_stop(&dir).expect("snapshot");
         assert_eq!(info.cpus, 1);
@@ -66,12 +71,26 @@ fn agent_snapshot() -> &'static AgentSnapshot {
             info.memory_on_disk < info.memory,
             "the memory file is sparse: {info:?}"
         );
-        AgentSnapshot { dir, disk }
+        AgentSnapshot { dir, disk, uptime }
     })
 }
 
+/// The first number of `/proc/uptime`.
+pub fn uptime_of(proc_uptime: &[u8]) -> f64 {
+    String::from_utf8_lossy(proc_uptime)
+        .split_whitespace()
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "not /proc/uptime: {:?}",
+                String::from_utf8_lossy(proc_uptime)
+            )
+        })
+}
+
 /// A fresh copy of the snapshot's data disk, for one restore.
-fn disk_copy(name: &str) -> PathBuf {
+pub fn disk_copy(name: &str) -> PathBuf {
     let copy = scratch(name);
     std::fs::copy(&agent_snapshot().disk, &copy).unwrap();
     copy
@@ -164,6 +183,7 @@ fn restores_get_fresh_randomness_the_host_clock_and_their_own_clone_id() {
 #[test]
 fn library_restore_reads_back_the_disk_and_runs_several_execs() {
     let disk = disk_copy("lib.img");
+    let _vms = common::in_process_vms();
     let snapshot = Snapshot::open(&agent_snapshot().dir).unwrap();
     let started = Instant::now();
     let vm = VmBuilder::new()
@@ -310,6 +330,7 @@ fn a_ticking_guest_goes_on_from_where_it_was_snapshotted() {
 #[test]
 fn a_writable_disk_serves_one_restore_at_a_time_unless_each_gets_its_own_copy() {
     let shared = disk_copy("shared.img");
+    let _vms = common::in_process_vms();
     let snapshot = Snapshot::open(&agent_snapshot().dir).unwrap();
     let restore = |disk: &Path| {
         VmBuilder::new()
