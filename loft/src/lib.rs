@@ -55,13 +55,20 @@ pub mod error {
     pub use crate::device_manager::DeviceManagerError;
     pub use crate::loader::LoaderError;
     pub use crate::snapshot::{SnapshotError, SnapshotMemoryError, StateFileError};
+    pub use crate::vstate::control::ControlError;
+    pub use crate::vstate::host_facts::CompatError;
     pub use crate::vstate::memory::MemoryError;
     pub use crate::vstate::vcpu::VcpuError;
+    pub use crate::vstate::vcpu_state::VcpuStateError;
     pub use crate::vstate::vm::VmError;
+    pub use crate::vstate::vm_state::VmStateError;
     pub use loft_agent::client::AgentError;
+    pub use crate::arch::x86_64::msrs::MsrError;
+    pub use loft_devices::serial::SerialError;
     pub use loft_devices::virtio::block::BlockError;
     pub use loft_devices::virtio::net::NetError;
     pub use loft_devices::virtio::vsock::VsockError;
+    pub use loft_devices::virtio::Error as VirtioError;
 }
 
 /// Everything that can go wrong building or running a VM.

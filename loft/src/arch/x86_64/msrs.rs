@@ -74,7 +74,7 @@ pub const MAX_SAVED_MSRS: usize = 4 * KVM_MAX_MSR_ENTRIES;
 /// Errors reading or writing a vCPU's MSRs.
 #[derive(Debug, thiserror::Error)]
 pub enum MsrError {
-    /// More MSRs than [`MAX_SAVED_MSRS`].
+    /// More MSRs than a snapshot may hold.
     #[error("{count} MSRs is more than loft saves or restores ({MAX_SAVED_MSRS})")]
     TooMany {
         /// How many there were.
