@@ -285,15 +285,19 @@ pub fn open_initrd(path: &Path) -> Result<(File, u64), LoaderError> {
     Ok((file, len))
 }
 
+/// `v` rounded up to a multiple of `a`, saturating: a crafted kernel's footprint can end near
+/// `u64::MAX`, and that must read as "needs too much memory", not wrap around to a small size.
 fn align_up(v: u64, a: u64) -> u64 {
-    v.div_ceil(a) * a
+    v.div_ceil(a).saturating_mul(a)
 }
 
 /// Checks that `mem_size` bytes of RAM hold a kernel ending at `kernel_end`, an initrd of
 /// `initrd_len` bytes and room to run.
 pub fn check_memory(mem_size: u64, kernel_end: u64, initrd_len: u64) -> Result<(), LoaderError> {
     let low_ram = mem_size.min(layout::MMIO_GAP_START);
-    let needed = align_up(kernel_end, 2 * MIB) + align_up(initrd_len, 4096) + MIN_FREE_RAM;
+    let needed = align_up(kernel_end, 2 * MIB)
+        .saturating_add(align_up(initrd_len, 4096))
+        .saturating_add(MIN_FREE_RAM);
     if low_ram < needed {
         return Err(LoaderError::MemoryTooSmall {
             memory: crate::config::MemSize(mem_size).to_string(),
@@ -419,6 +423,25 @@ pub fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &Cmdline) -> Result<usize, 
 mod tests {
     use super::*;
     use std::io::Cursor;
+
+    #[test]
+    fn a_segment_ending_near_the_top_of_the_address_space_is_too_big_not_a_panic() {
+        let near_top = u64::MAX - 0x1000;
+        let img = elf_header(62, 1, &[(PT_LOAD, near_top, 0x800)]);
+        let end = elf_end(&mut Cursor::new(&img), &img).unwrap();
+        assert_eq!(end, near_top + 0x800);
+        assert!(matches!(
+            check_memory(128 * MIB, end, 0),
+            Err(LoaderError::MemoryTooSmall { .. })
+        ));
+        assert!(matches!(
+            check_memory(u64::MAX, end, u64::MAX),
+            Err(LoaderError::MemoryTooSmall { .. })
+        ));
+        // And one whose end does not fit in 64 bits at all.
+        let img = elf_header(62, 1, &[(PT_LOAD, u64::MAX - 4, 16)]);
+        assert!(elf_end(&mut Cursor::new(&img), &img).is_err());
+    }
 
     fn elf_header(machine: u16, phnum: u16, segs: &[(u32, u64, u64)]) -> Vec<u8> {
         let mut b = vec![0u8; 64];
