@@ -53,6 +53,11 @@ fn listen(port: u32) -> std::io::Result<Socket> {
     Ok(socket)
 }
 
+/// Whether `peer` is the host (vsock CID 2), the only peer the agent runs commands for.
+fn from_host(peer: &SockAddr) -> bool {
+    matches!(peer.as_vsock_address(), Some((cid, _)) if cid == libc::VMADDR_CID_HOST)
+}
+
 fn main() -> ExitCode {
     let port = match parse_args(std::env::args().skip(1)) {
         Ok(Some(port)) => port,
@@ -81,7 +86,16 @@ fn main() -> ExitCode {
     let server = Server::new(MAX_CONNECTIONS, Arc::new(LinuxGuest::default()));
     loop {
         let socket = match listener.accept() {
-            Ok((socket, _peer)) => socket,
+            Ok((socket, peer)) if from_host(&peer) => socket,
+            Ok((_, peer)) => {
+                // Another VM's or this guest's own process (loopback): not the host, whom
+                // alone the agent serves. Dropping the socket refuses it.
+                eprintln!(
+                    "loft-agent: refused a connection from {:?}",
+                    peer.as_vsock_address()
+                );
+                continue;
+            }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 // E.g. out of file descriptors: back off instead of spinning.
@@ -99,7 +113,18 @@ fn main() -> ExitCode {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_args;
+    use super::{from_host, parse_args};
+    use socket2::SockAddr;
+
+    #[test]
+    fn only_the_host_is_served() {
+        assert!(from_host(&SockAddr::vsock(libc::VMADDR_CID_HOST, 1234)));
+        for cid in [libc::VMADDR_CID_LOCAL, 3, 4, libc::VMADDR_CID_ANY] {
+            assert!(!from_host(&SockAddr::vsock(cid, 1234)), "cid {cid}");
+        }
+        let unix = SockAddr::unix("/tmp/x").unwrap();
+        assert!(!from_host(&unix));
+    }
 
     fn parse(args: &[&str]) -> Result<Option<u32>, String> {
         parse_args(args.iter().map(|s| s.to_string()))
