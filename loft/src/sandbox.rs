@@ -74,12 +74,40 @@ pub const AGENT_CID: u64 = 3;
 /// nested kvm_pvm hosts.
 pub const DEFAULT_AGENT_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// A fresh Unix socket path for a VM's vsock device.
-fn vsock_socket_path() -> PathBuf {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    std::env::temp_dir().join(format!("loft-{}-{n}.vsock", std::process::id()))
+/// A directory only this user may enter, for one VM's Unix sockets (the vsock device's host
+/// socket, and the `_PORT` listeners it makes for guest connections), removed with everything
+/// in it when dropped. Its name is unpredictable, and it is created, never reused: nobody else
+/// can have put a socket or a link there.
+struct PrivateDir(PathBuf);
+
+impl PrivateDir {
+    fn new() -> io::Result<Self> {
+        use std::os::unix::fs::DirBuilderExt;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let mut random = [0u8; 8];
+        getrandom(&mut random)?;
+        let name = format!(
+            "loft-{}-{}-{:016x}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed),
+            u64::from_le_bytes(random)
+        );
+        let path = std::env::temp_dir().join(name);
+        std::fs::DirBuilder::new().mode(0o700).create(&path)?;
+        Ok(Self(path))
+    }
+
+    /// The vsock host socket's path in it.
+    fn vsock(&self) -> PathBuf {
+        self.0.join("vsock")
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 impl Default for VmBuilder {
@@ -259,8 +287,9 @@ impl VmBuilder {
         self
     }
 
-    /// The configuration this builder describes, with the bundled guest filled in.
-    pub fn config(&self) -> Result<VmConfig, Error> {
+    /// The configuration this builder describes, with the bundled guest filled in; the agent's
+    /// vsock socket, when the builder names none, is `agent_uds`.
+    fn config(&self, agent_uds: &Path) -> Result<VmConfig, Error> {
         let mut config = self.config.clone();
         let (kernel, bundled_initrd) = match &self.kernel {
             Some(k) => (k.clone(), None),
@@ -289,7 +318,7 @@ impl VmBuilder {
             if config.vsock.is_none() {
                 config.vsock = Some(VsockConfig {
                     cid: AGENT_CID,
-                    uds: vsock_socket_path(),
+                    uds: agent_uds.to_path_buf(),
                 });
             }
             config.cmdline = format!("loft_agent={AGENT_PORT} {}", config.cmdline);
@@ -302,9 +331,13 @@ impl VmBuilder {
     pub fn start(self) -> Result<VmHandle, Error> {
         let captured = Arc::new(Mutex::new(Vec::new()));
         let timeline = Arc::new(Timeline::new(self.times_from.unwrap_or_else(Instant::now)));
+        let sockets = PrivateDir::new().map_err(|source| Error::Host {
+            what: "create a private directory for the VM's sockets",
+            source,
+        })?;
         let (mut vmm, agent) = match &self.restore {
             Some(snapshot) => {
-                let (overrides, agent) = self.restore_overrides(snapshot)?;
+                let (overrides, agent) = self.restore_overrides(snapshot, &sockets)?;
                 let out = self.console_out(&captured);
                 let vmm = builder::build_microvm_from_snapshot(
                     snapshot,
@@ -315,7 +348,7 @@ impl VmBuilder {
                 (vmm, agent)
             }
             None => {
-                let config = self.config()?;
+                let config = self.config(&sockets.vsock())?;
                 let agent = self.agent.then(|| config.vsock.clone()).flatten();
                 let meta = MachineConfig {
                     cpus: config.cpus,
@@ -359,6 +392,7 @@ impl VmBuilder {
             agent,
             agent_timeout: self.agent_timeout,
             needs_sync: Mutex::new(self.restore.is_some()),
+            _sockets: sockets,
             clone_id: next_clone_id(),
         })
     }
@@ -380,6 +414,7 @@ impl VmBuilder {
     fn restore_overrides(
         &self,
         snapshot: &Snapshot,
+        sockets: &PrivateDir,
     ) -> Result<(DeviceOverrides, Option<PathBuf>), Error> {
         use loft_devices::virtio::VirtioDeviceState as D;
         let saved = snapshot.state();
@@ -483,7 +518,7 @@ impl VmBuilder {
                 .into())
             }
             // A fresh socket, so that restores of one snapshot do not collide.
-            (None, Some(_)) => overrides.vsock_uds = Some(vsock_socket_path()),
+            (None, Some(_)) => overrides.vsock_uds = Some(sockets.vsock()),
             (None, None) => {}
         }
         let agent = (self.agent && m.agent_port.is_some())
@@ -559,6 +594,8 @@ pub struct VmHandle {
     requests: Arc<Requests>,
     needs_sync: Mutex<bool>,
     clone_id: String,
+    // Last: removed once the VM (whose sockets are in it) is gone; see Drop.
+    _sockets: PrivateDir,
     thread: Mutex<Option<JoinHandle<Result<StopReason, Error>>>>,
     done: Arc<Done>,
     captured: Arc<Mutex<Vec<u8>>>,
@@ -808,7 +845,7 @@ mod tests {
             .disk("/d.img", true)
             .rootfs("/root.ext4")
             .cmdline("quiet");
-        let c = b.config().unwrap();
+        let c = b.config(Path::new("/private/vsock")).unwrap();
         assert_eq!(c.disks[0].path, PathBuf::from("/root.ext4"));
         assert_eq!(c.disks[1].path, PathBuf::from("/d.img"));
         assert!(c.disks[1].read_only);
@@ -816,14 +853,27 @@ mod tests {
         assert_eq!(c.initrd, None);
         let v = c.vsock.unwrap();
         assert_eq!(v.cid, AGENT_CID);
-        let c2 = VmBuilder::new().kernel("/k").config().unwrap();
-        assert_ne!(c2.vsock.unwrap().uds, v.uds, "every VM gets its own socket");
+        assert_eq!(v.uds, PathBuf::from("/private/vsock"));
         let c3 = VmBuilder::new()
             .kernel("/k")
             .without_agent()
-            .config()
+            .config(Path::new("/private/vsock"))
             .unwrap();
         assert!(c3.vsock.is_none() && !c3.cmdline.contains("loft_agent"));
+    }
+
+    #[test]
+    fn every_vm_gets_a_private_socket_directory_removed_with_it() {
+        use std::os::unix::fs::PermissionsExt;
+        let a = PrivateDir::new().unwrap();
+        let b = PrivateDir::new().unwrap();
+        assert_ne!(a.vsock(), b.vsock());
+        let mode = std::fs::metadata(&a.0).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "{mode:o}");
+        std::fs::write(a.vsock(), b"x").unwrap();
+        let dir = a.0.clone();
+        drop(a);
+        assert!(!dir.exists());
     }
 
     #[test]
