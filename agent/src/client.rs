@@ -147,7 +147,8 @@ pub enum AgentError {
         /// The agent's message, naming every failed step.
         message: String,
     },
-    /// [`exec_output`] got more than [`OUTPUT_LIMIT`] bytes on one stream.
+    /// The command wrote more than its limit on one stream ([`ExecRequest::output_limit`] for
+    /// [`exec_on_stream`], [`OUTPUT_LIMIT`] for [`exec_output`]); it was killed.
     #[error("command output exceeds {limit} bytes")]
     OutputTooLarge {
         /// The limit.
@@ -352,7 +353,26 @@ pub fn exec_on_stream(
     mut on_stderr: impl FnMut(&[u8]),
 ) -> Result<ExitStatus, AgentError> {
     let request = encode_request(cmd, stdin)?;
-    let mut sink = route(&mut on_stdout, &mut on_stderr);
+    let limit = cmd.max_output();
+    let (mut out_len, mut err_len) = (0usize, 0usize);
+    let mut sink = |is_stderr: bool, data: &[u8]| {
+        let seen = if is_stderr {
+            &mut err_len
+        } else {
+            &mut out_len
+        };
+        *seen = seen.saturating_add(data.len());
+        if *seen > limit {
+            // Returning drops the stream: the agent kills the command.
+            return Err(AgentError::OutputTooLarge { limit });
+        }
+        if is_stderr {
+            on_stderr(data)
+        } else {
+            on_stdout(data)
+        }
+        Ok(())
+    };
     run(stream, &request, stdin, deadline_after(timeout), &mut sink)
 }
 

@@ -253,7 +253,16 @@ pub struct ExecRequest {
     pub env: Vec<(String, String)>,
     /// Working directory; the agent's (`/`) when `None`.
     pub cwd: Option<String>,
+    /// How long the host waits for the command to end: past it the host closes the connection,
+    /// which makes the agent kill the command. `None`: no limit. Host side only: not sent.
+    pub timeout: Option<std::time::Duration>,
+    /// Most bytes the host takes from each of stdout and stderr; beyond, the command is killed
+    /// the same way and the exec fails. `None`: [`DEFAULT_OUTPUT_LIMIT`]. Host side only.
+    pub output_limit: Option<usize>,
 }
+
+/// What [`ExecRequest::output_limit`] is when not set: 64 MiB per stream.
+pub const DEFAULT_OUTPUT_LIMIT: usize = 64 << 20;
 
 impl ExecRequest {
     /// A request to run `argv`.
@@ -283,6 +292,24 @@ impl ExecRequest {
     pub fn cwd(mut self, dir: impl Into<String>) -> Self {
         self.cwd = Some(dir.into());
         self
+    }
+
+    /// Kills the command and fails the exec when it has not ended after `timeout`.
+    pub fn timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Kills the command and fails the exec when it writes more than `bytes` to stdout or to
+    /// stderr (default [`DEFAULT_OUTPUT_LIMIT`]).
+    pub fn output_limit(mut self, bytes: usize) -> Self {
+        self.output_limit = Some(bytes);
+        self
+    }
+
+    /// The output limit in force.
+    pub fn max_output(&self) -> usize {
+        self.output_limit.unwrap_or(DEFAULT_OUTPUT_LIMIT)
     }
 
     /// Checks every bound and rule of the `Exec` payload (the same checks the agent makes).
@@ -380,7 +407,12 @@ impl ExecRequest {
             _ => return Err(malformed(Kind::Exec, "bad cwd marker")),
         };
         c.end()?;
-        let req = ExecRequest { argv, env, cwd };
+        let req = ExecRequest {
+            argv,
+            env,
+            cwd,
+            ..Default::default()
+        };
         req.validate()?;
         Ok((req, flags & FLAG_STDIN != 0))
     }

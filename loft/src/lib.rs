@@ -42,7 +42,7 @@ pub use boot_timer::{BootTimes, Mark};
 pub use config::{DiskConfig, MemSize, NetConfig, VmConfig, VsockConfig};
 pub use host::KvmFlavour;
 pub use loft_agent::client::{ExitStatus, Output};
-pub use loft_agent::ExecRequest;
+pub use loft_agent::{ExecRequest, DEFAULT_OUTPUT_LIMIT};
 pub use sandbox::{VmBuilder, VmHandle, AGENT_PORT, CONSOLE_CAPTURE_LIMIT, DEFAULT_AGENT_TIMEOUT};
 pub use snapshot::{Snapshot, SnapshotInfo};
 pub use stop::StopReason;
@@ -51,6 +51,7 @@ pub use stop::StopReason;
 pub mod error {
     pub use crate::arch::x86_64::boot_params::BootParamsError;
     pub use crate::arch::x86_64::mptable::MptableError;
+    pub use crate::arch::x86_64::msrs::MsrError;
     pub use crate::config::ConfigError;
     pub use crate::device_manager::DeviceManagerError;
     pub use crate::loader::LoaderError;
@@ -63,7 +64,6 @@ pub mod error {
     pub use crate::vstate::vm::VmError;
     pub use crate::vstate::vm_state::VmStateError;
     pub use loft_agent::client::AgentError;
-    pub use crate::arch::x86_64::msrs::MsrError;
     pub use loft_devices::serial::SerialError;
     pub use loft_devices::virtio::block::BlockError;
     pub use loft_devices::virtio::net::NetError;
@@ -143,6 +143,9 @@ pub enum Error {
     /// The VM stopped before its agent answered.
     #[error("the VM stopped before its guest agent answered")]
     AgentGone,
+    /// The command ran past its [`ExecRequest::timeout`] and was killed.
+    #[error("the command did not end within {0:?}; it was killed")]
+    ExecTimeout(std::time::Duration),
     /// Talking to the guest agent failed.
     #[error("guest agent")]
     Agent(#[from] loft_agent::client::AgentError),

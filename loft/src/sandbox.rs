@@ -607,7 +607,9 @@ pub struct VmHandle {
 impl VmHandle {
     /// Runs a command in the guest through its agent and returns its exit status and output.
     /// Waits for the agent first (the guest may still be booting). Several execs may run at
-    /// once, from several threads.
+    /// once, from several threads. A command that runs past [`ExecRequest::timeout`]
+    /// ([`Error::ExecTimeout`]) or writes more than [`ExecRequest::output_limit`] to a stream
+    /// (64 MiB by default) is killed, and the VM goes on.
     pub fn exec(&self, cmd: &ExecRequest) -> Result<Output, Error> {
         let mut out = Vec::new();
         let mut err = Vec::new();
@@ -633,8 +635,12 @@ impl VmHandle {
     ) -> Result<ExitStatus, Error> {
         self.sync_after_restore()?;
         let stream = self.connect_agent()?;
-        agent_client::exec_on_stream(stream, cmd, None, None, on_stdout, on_stderr)
-            .map_err(Error::Agent)
+        agent_client::exec_on_stream(stream, cmd, None, cmd.timeout, on_stdout, on_stderr).map_err(
+            |e| match (e, cmd.timeout) {
+                (AgentError::Timeout, Some(after)) => Error::ExecTimeout(after),
+                (e, _) => Error::Agent(e),
+            },
+        )
     }
 
     /// Waits until the guest agent answers (the guest may still be booting), at most the

@@ -15,6 +15,7 @@ mod bench_boot;
 mod boot;
 mod clones;
 mod exec;
+mod exec_limits;
 mod snapshot;
 mod virtio;
 
