@@ -21,7 +21,9 @@ use crate::arch::x86_64::regs::EntryPoint;
 use crate::arch::x86_64::{boot_params, layout, mptable};
 use crate::boot_timer::Timeline;
 use crate::config::{default_kvm_device, ConfigError, VmConfig};
-use crate::device_manager::{DeviceManager, DeviceManagerError, DeviceOverrides, LegacyDevices};
+use crate::device_manager::{
+    DeviceManager, DeviceManagerError, DeviceOverrides, DevicesState, LegacyDevices,
+};
 use crate::event_loop::EventLoop;
 use crate::host::KvmFlavour;
 use crate::loader::{self, KernelImage, LoadedKernel};
@@ -47,52 +49,20 @@ pub fn build_microvm_for_boot(
     let mut guest = check_config(config)?;
     let kvm = open_kvm(config)?;
     let mem = memory::create(config.memory.bytes())?;
-    let (vm_fd, loaded, initrd_at) = create_vm_while_loading(&kvm, &mem, &mut guest)?;
-    let mut event_loop = EventLoop::new().map_err(Error::EventLoop)?;
-    let notifier = Arc::new(StopNotifier::new().map_err(sys("create the stop event"))?);
-    let mut devices = DeviceManager::new();
-    let legacy = attach_legacy_devices(&vm_fd, &mut devices, console, &notifier, &timeline)?;
-    attach_virtio_devices(config, &vm_fd, &mem, &mut event_loop, &mut devices)?;
+    let (vm, loaded, initrd_at) = create_vm_while_loading(&kvm, &mem, &mut guest)?;
+    let mut a = Assembly::new(kvm, vm, mem, console, None, timeline)?;
+    attach_virtio_devices(config, &a.vm, &a.mem, &mut a.event_loop, &mut a.devices)?;
     let flavour = KvmFlavour::detect();
-    write_boot_structures(config, &mem, &devices, flavour, &loaded, initrd_at)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let control = VcpuControl::new(&kvm, config.cpus as u8);
-    let shared = VcpuShared {
-        devices: &devices,
-        notifier: &notifier,
-        stop: &stop,
-        timeline: &timeline,
-        control: &control,
-    };
-    let vcpus = create_vcpus(
-        config.cpus,
-        &kvm,
-        &vm_fd,
-        &mem,
-        &shared,
-        VcpuInit::Boot(loaded.entry),
-    )?;
+    write_boot_structures(config, &a.mem, &a.devices, flavour, &loaded, initrd_at)?;
     if flavour.guest_cmdline().is_some() {
         log::info!(
             "host KVM is {}: added its guest kernel parameters (clearcpuid=...) to the command line",
             flavour.name()
         );
     }
-    timeline.mark(|t| &mut t.vm_built);
-    Ok(Vmm::new(VmmParts {
-        vcpus,
-        event_loop,
-        notifier,
-        stop,
-        control,
-        legacy,
-        devices,
-        vm: vm_fd,
-        kvm,
-        mem,
-        machine,
-        timeline,
-    }))
+    let vmm = a.finish(machine, VcpuInit::Boot(loaded.entry))?;
+    vmm.timeline().mark(|t| &mut t.vm_built);
+    Ok(vmm)
 }
 
 /// Builds a VM that continues where `snapshot` was taken: its memory mapped from the snapshot's
@@ -111,57 +81,95 @@ pub fn build_microvm_from_snapshot(
         .map_err(SnapshotError::Host)?;
     let mem = snapshot::memory::map(&snapshot.memory_path(), machine.memory, &state.memory)
         .map_err(SnapshotError::Memory)?;
-    let vm_fd = create_vm(&kvm, &mem)?;
-    vm_state::restore_with_clock(&vm_fd, &state.vm, ClockMode::Continue)
+    let vm = create_vm(&kvm, &mem)?;
+    vm_state::restore_with_clock(&vm, &state.vm, ClockMode::Continue)
         .map_err(SnapshotError::VmState)?;
-    let mut event_loop = EventLoop::new().map_err(Error::EventLoop)?;
-    let notifier = Arc::new(StopNotifier::new().map_err(sys("create the stop event"))?);
-    let mut devices = DeviceManager::new();
-    let reset_evt = notifier
-        .event()
-        .try_clone()
-        .map_err(sys("clone the stop event"))?;
-    let legacy = LegacyDevices::restore(&vm_fd, console, reset_evt, &timeline, &state.devices)?;
-    devices.add_legacy(&legacy)?;
-    devices.restore_virtio(
-        &vm_fd,
-        &mem,
-        &mut event_loop,
+    let mut a = Assembly::new(kvm, vm, mem, console, Some(&state.devices), timeline)?;
+    a.devices.restore_virtio(
+        &a.vm,
+        &a.mem,
+        &mut a.event_loop,
         &state.devices.virtio,
         overrides,
     )?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let control = VcpuControl::new(&kvm, machine.cpus as u8);
-    let shared = VcpuShared {
-        devices: &devices,
-        notifier: &notifier,
-        stop: &stop,
-        timeline: &timeline,
-        control: &control,
-    };
-    let vcpus = create_vcpus(
-        machine.cpus,
-        &kvm,
-        &vm_fd,
-        &mem,
-        &shared,
-        VcpuInit::Restore(&state.vcpus),
-    )?;
-    timeline.mark(|t| &mut t.restored);
-    Ok(Vmm::new(VmmParts {
-        vcpus,
-        event_loop,
-        notifier,
-        stop,
-        control,
-        legacy,
-        devices,
-        vm: vm_fd,
-        kvm,
-        mem,
-        machine,
-        timeline,
-    }))
+    let vmm = a.finish(machine, VcpuInit::Restore(&state.vcpus))?;
+    vmm.timeline().mark(|t| &mut t.restored);
+    Ok(vmm)
+}
+
+/// A VM being put together, boot and restore alike: KVM, the VM and its memory, the event loop,
+/// the stop event, and the devices so far.
+struct Assembly {
+    kvm: Kvm,
+    vm: VmFd,
+    mem: GuestMemoryMmap,
+    event_loop: EventLoop,
+    notifier: Arc<StopNotifier>,
+    devices: DeviceManager,
+    legacy: LegacyDevices,
+    timeline: Arc<Timeline>,
+}
+
+impl Assembly {
+    /// Phase 3a: the event loop, the stop event, and the legacy devices (the console UART, the
+    /// i8042 whose reset line writes the stop event, the boot timer) on the port-I/O bus — as
+    /// new, or as `saved` left them.
+    fn new(
+        kvm: Kvm,
+        vm: VmFd,
+        mem: GuestMemoryMmap,
+        console: ConsoleOut,
+        saved: Option<&DevicesState>,
+        timeline: Arc<Timeline>,
+    ) -> Result<Self, Error> {
+        let event_loop = EventLoop::new().map_err(Error::EventLoop)?;
+        let notifier = Arc::new(StopNotifier::new().map_err(sys("create the stop event"))?);
+        let reset_evt = notifier
+            .event()
+            .try_clone()
+            .map_err(sys("clone the stop event"))?;
+        let legacy = LegacyDevices::new(&vm, console, reset_evt, &timeline, saved)?;
+        let mut devices = DeviceManager::new();
+        devices.add_legacy(&legacy)?;
+        Ok(Self {
+            kvm,
+            vm,
+            mem,
+            event_loop,
+            notifier,
+            devices,
+            legacy,
+            timeline,
+        })
+    }
+
+    /// Phase 5: the vCPUs (see [`create_vcpus`]), and the VMM that runs them.
+    fn finish(self, machine: MachineConfig, init: VcpuInit<'_>) -> Result<Vmm, Error> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let control = VcpuControl::new(&self.kvm, machine.cpus as u8);
+        let shared = VcpuShared {
+            devices: &self.devices,
+            notifier: &self.notifier,
+            stop: &stop,
+            timeline: &self.timeline,
+            control: &control,
+        };
+        let vcpus = create_vcpus(machine.cpus, &self.kvm, &self.vm, &self.mem, &shared, init)?;
+        Ok(Vmm::new(VmmParts {
+            vcpus,
+            event_loop: self.event_loop,
+            notifier: self.notifier,
+            stop,
+            control,
+            legacy: self.legacy,
+            devices: self.devices,
+            vm: self.vm,
+            kvm: self.kvm,
+            mem: self.mem,
+            machine,
+            timeline: self.timeline,
+        }))
+    }
 }
 
 /// What KVM supports of CPUID on this host, asked once per process (about a millisecond each
@@ -274,24 +282,6 @@ pub fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap) -> Result<VmFd, Error> {
     let vm_fd = vm::create(kvm)?;
     vm::register_memory(&vm_fd, mem)?;
     Ok(vm_fd)
-}
-
-/// Phase 3a: the console UART, the i8042 and the boot timer, on the port-I/O bus. The i8042's
-/// reset line writes the stop event directly.
-pub fn attach_legacy_devices(
-    vm: &VmFd,
-    devices: &mut DeviceManager,
-    console: ConsoleOut,
-    notifier: &StopNotifier,
-    timeline: &Timeline,
-) -> Result<LegacyDevices, Error> {
-    let reset_evt = notifier
-        .event()
-        .try_clone()
-        .map_err(sys("clone the stop event"))?;
-    let legacy = LegacyDevices::new(vm, console, reset_evt, timeline)?;
-    devices.add_legacy(&legacy)?;
-    Ok(legacy)
 }
 
 /// Phase 3b: the disks, network interfaces and vsock device the config asks for, in order.

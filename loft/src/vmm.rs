@@ -101,6 +101,11 @@ impl Vmm {
         }
     }
 
+    /// The run's phases.
+    pub fn timeline(&self) -> &Timeline {
+        &self.timeline
+    }
+
     /// Where another thread asks this VMM for a snapshot.
     pub fn requests(&self) -> Arc<Requests> {
         self.requests.clone()

@@ -10,7 +10,7 @@ use loft_devices::serial::{ConsoleOut, SerialConsole, COM1_IRQ, COM1_PORT, COM1_
 use loft_devices::Bus;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::DeviceManagerError;
+use super::{DeviceManagerError, DevicesState};
 use crate::boot_timer::{self, Timeline};
 
 /// The legacy devices of one VM, kept for the console input and for snapshots.
@@ -24,14 +24,15 @@ pub struct LegacyDevices {
 }
 
 impl LegacyDevices {
-    /// Creates the devices: the UART writes to `console` and interrupts through an irqfd on
-    /// COM1's line; the i8042's reset writes `reset_evt`; the boot timer records into
-    /// `timeline`.
+    /// Creates the devices — as new, or as `saved` left them: the UART writes to `console` and
+    /// interrupts through an irqfd on COM1's line; the i8042's reset writes `reset_evt`; the
+    /// boot timer records into `timeline`.
     pub fn new(
         vm: &VmFd,
         console: ConsoleOut,
         reset_evt: EventFd,
         timeline: &Timeline,
+        saved: Option<&DevicesState>,
     ) -> Result<Self, DeviceManagerError> {
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceManagerError::EventFd)?;
         vm.register_irqfd(&serial_irq, COM1_IRQ)
@@ -39,13 +40,25 @@ impl LegacyDevices {
                 what: "serial interrupt",
                 source,
             })?;
+        let milestones = timeline.guest.clone();
+        let cpu = boot_timer::process_cpu;
+        let (serial, i8042, boot_timer) = match saved {
+            None => (
+                SerialConsole::new(serial_irq, console),
+                I8042::new(reset_evt),
+                BootTimer::new(milestones, cpu),
+            ),
+            Some(s) => (
+                SerialConsole::restore(serial_irq, console, &s.serial)
+                    .map_err(DeviceManagerError::Serial)?,
+                I8042::restore(reset_evt, &s.i8042),
+                BootTimer::restore(milestones, cpu, &s.boot_timer),
+            ),
+        };
         Ok(Self {
-            serial: Arc::new(Mutex::new(SerialConsole::new(serial_irq, console))),
-            i8042: Arc::new(Mutex::new(I8042::new(reset_evt))),
-            boot_timer: Arc::new(Mutex::new(BootTimer::new(
-                timeline.guest.clone(),
-                boot_timer::process_cpu,
-            ))),
+            serial: Arc::new(Mutex::new(serial)),
+            i8042: Arc::new(Mutex::new(i8042)),
+            boot_timer: Arc::new(Mutex::new(boot_timer)),
         })
     }
 

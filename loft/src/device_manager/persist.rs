@@ -4,12 +4,11 @@
 //! pending interrupts).
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::VmFd;
-use loft_devices::boot_timer::{BootTimer, BootTimerState};
-use loft_devices::i8042::{I8042State, I8042};
-use loft_devices::serial::{ConsoleOut, SerialConsole, SerialConsoleState, COM1_IRQ};
+use loft_devices::boot_timer::BootTimerState;
+use loft_devices::i8042::I8042State;
+use loft_devices::serial::SerialConsoleState;
 use loft_devices::sync::lock;
 use loft_devices::virtio::block::Block;
 use loft_devices::virtio::net::Net;
@@ -17,10 +16,8 @@ use loft_devices::virtio::vsock::Vsock;
 use loft_devices::virtio::{MmioState, VirtioDeviceState, VirtioMmioDevice};
 use serde::{Deserialize, Serialize};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::EventFd;
 
 use super::{DeviceManager, DeviceManagerError, DeviceSlot, LegacyDevices};
-use crate::boot_timer::{self, Timeline};
 use crate::event_loop::EventLoop;
 use crate::Error;
 
@@ -188,34 +185,4 @@ fn restore_transport(
     device
         .into_mmio(mem.clone(), state)
         .map_err(|source| DeviceManagerError::Restore { index, source })
-}
-
-impl LegacyDevices {
-    /// The legacy devices as `state` saved them, wired like [`LegacyDevices::new`] does.
-    pub fn restore(
-        vm: &VmFd,
-        console: ConsoleOut,
-        reset_evt: EventFd,
-        timeline: &Timeline,
-        state: &DevicesState,
-    ) -> Result<Self, DeviceManagerError> {
-        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceManagerError::EventFd)?;
-        vm.register_irqfd(&serial_irq, COM1_IRQ)
-            .map_err(|source| DeviceManagerError::Kvm {
-                what: "serial interrupt",
-                source,
-            })?;
-        Ok(Self {
-            serial: Arc::new(Mutex::new(
-                SerialConsole::restore(serial_irq, console, &state.serial)
-                    .map_err(DeviceManagerError::Serial)?,
-            )),
-            i8042: Arc::new(Mutex::new(I8042::restore(reset_evt, &state.i8042))),
-            boot_timer: Arc::new(Mutex::new(BootTimer::restore(
-                timeline.guest.clone(),
-                boot_timer::process_cpu,
-                &state.boot_timer,
-            ))),
-        })
-    }
 }
