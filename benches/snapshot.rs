@@ -36,6 +36,8 @@ mod report;
 #[allow(dead_code)] // shared with the boot bench
 #[path = "boot/stats.rs"]
 mod stats;
+#[path = "snapshot/tick.rs"]
+mod tick;
 #[allow(dead_code)] // shared with the boot bench
 #[path = "boot/timer.rs"]
 mod timer;
@@ -46,21 +48,15 @@ mod vm;
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::time::Duration;
 
 use create::Size;
 use first_byte::Target;
 use host::{guest_dir, host_info, show, utc_now, REPO};
-use report::{Config, Report, Setup, Skipped};
+use report::{Config, Report, Skipped};
 
 const LOFT_BIN: &str = env!("CARGO_BIN_EXE_loft");
-
-/// The ticking guest's command: a line per loop, no process started (echo is a builtin).
-const TICK_CMD: &str = "i=0; while true; do i=$((i+1)); echo tick $i; done";
-/// What `loft snapshot create --when-console` waits for: the first line. (Not `tick` alone:
-/// the kernel echoes its command line, `echo tick $i` included, long before user space.)
-const TICK_MARKER: &str = "tick 1";
 
 const USAGE: &str = "\
 usage: cargo bench --bench snapshot -- [--runs N] [--memory SIZES] [--out DIR] [--timeout SECS]
@@ -162,65 +158,8 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-fn on_disk(path: &Path) -> Option<u64> {
+pub fn on_disk(path: &Path) -> Option<u64> {
     std::fs::metadata(path).ok().map(|m| m.blocks() * 512)
-}
-
-/// `loft snapshot create DIR` of the ticking guest with `size` of RAM, timed.
-fn tick_snapshot(
-    loft: &Path,
-    gdir: &Path,
-    size: &Size,
-    dir: &Path,
-    timeout: Duration,
-    log: &Path,
-) -> Setup {
-    let _ = std::fs::remove_dir_all(dir);
-    let mut cmd = Command::new(loft);
-    cmd.args(["snapshot", "create"])
-        .arg(dir)
-        .arg("--kernel")
-        .arg(gdir.join("vmlinux"))
-        .arg("--initrd")
-        .arg(gdir.join("initramfs.cpio"))
-        .arg("--memory")
-        .arg(&size.label)
-        .arg("--cmdline")
-        .arg(format!("guest_cmd=\"{TICK_CMD}\""))
-        .arg("--when-console")
-        .arg(TICK_MARKER);
-    let command = show(&cmd);
-    eprintln!("snapshot bench: {command}");
-    let o = measure::run(cmd, &[], timeout, false, false);
-    let mut text = format!("$ {command}\n# status: {:?}\n==== stdout\n", o.status).into_bytes();
-    text.extend_from_slice(&o.stdout);
-    text.extend_from_slice(b"\n==== stderr\n");
-    text.extend_from_slice(&o.stderr);
-    let _ = std::fs::write(log, text);
-    let error = if let Some(e) = o.spawn_error {
-        Some(e)
-    } else if o.timed_out {
-        Some(format!("timed out after {} s", timeout.as_secs_f64()))
-    } else if !o.success || !dir.join("state").is_file() {
-        Some(format!(
-            "{}: {}",
-            o.status.as_deref().unwrap_or("?"),
-            String::from_utf8_lossy(&o.stderr)
-                .lines()
-                .last()
-                .unwrap_or("")
-        ))
-    } else {
-        None
-    };
-    Setup {
-        name: format!("loft-{} snapshot", size.label),
-        command,
-        ok: error.is_none(),
-        create_ms: o.exit.map(|d| d.as_secs_f64() * 1e3),
-        memory_on_disk_bytes: on_disk(&dir.join("memory")),
-        error,
-    }
 }
 
 fn main() -> ExitCode {
@@ -303,7 +242,7 @@ fn bench(args: Args) -> Result<(), String> {
     let mut targets: Vec<Target> = Vec::new();
     for size in &args.sizes {
         let dir = work.join(format!("tick-{}", size.label));
-        let s = tick_snapshot(
+        let s = tick::snapshot(
             &loft,
             &gdir,
             size,
@@ -329,7 +268,7 @@ fn bench(args: Args) -> Result<(), String> {
         setup.push(s);
     }
     let fc_name = format!("firecracker-{}M", vm::GUEST_MEM_MIB);
-    match std::env::var_os("FIRECRACKER").filter(|v| !v.is_empty()) {
+    match firecracker::prepare(&fc_name, &gdir, &work, &logs, boot_timeout) {
         None => {
             eprintln!("snapshot bench: {fc_name}: skipped: FIRECRACKER is not set");
             skipped.push(Skipped {
@@ -337,45 +276,10 @@ fn bench(args: Args) -> Result<(), String> {
                 reason: "FIRECRACKER is not set to a firecracker binary".into(),
             });
         }
-        Some(fc) => {
-            let fc = PathBuf::from(fc);
-            notes.push(format!(
-                "{fc_name} is UNTESTED code (written without a Firecracker binary at hand): \
-                 Firecracker booted with --config-file and an API socket, paused by PATCH /vm \
-                 and saved by PUT /snapshot/create when its console printed '{TICK_MARKER}'; \
-                 each run spawns `firecracker --api-sock` and sends PUT /snapshot/load with \
-                 resume_vm: true as soon as the socket accepts. Its first byte may be \
-                 Firecracker's own log line; the first tick is the guest's"
-            ));
-            let guest = firecracker::Guest {
-                kernel: &gdir.join("vmlinux"),
-                initrd: &gdir.join("initramfs.cpio"),
-                cmdline: format!("{} guest_cmd=\"{TICK_CMD}\"", vm::guest_cmdline()),
-                mem_mib: vm::GUEST_MEM_MIB,
-            };
-            let dir = work.join("fc-tick");
-            let taken = firecracker::take(
-                &fc,
-                &guest,
-                &dir,
-                TICK_MARKER,
-                boot_timeout,
-                &logs.join("firecracker-create.log"),
-            );
-            let command = format!(
-                "{} --api-sock … --config-file …, PATCH /vm Paused, PUT /snapshot/create",
-                fc.display()
-            );
-            match taken {
-                Ok(snap) => {
-                    setup.push(Setup {
-                        name: format!("{fc_name} snapshot"),
-                        command,
-                        ok: true,
-                        create_ms: Some(snap.create_ms),
-                        memory_on_disk_bytes: on_disk(&snap.memory),
-                        error: None,
-                    });
+        Some(p) => {
+            notes.push(firecracker::note(&fc_name));
+            match p.snapshot {
+                Ok((fc, snap)) => {
                     commands.insert(
                         fc_name.clone(),
                         format!(
@@ -389,18 +293,9 @@ fn bench(args: Args) -> Result<(), String> {
                         snap,
                     });
                 }
-                Err(e) => {
-                    eprintln!("snapshot bench: {fc_name}: no snapshot: {e}");
-                    setup.push(Setup {
-                        name: format!("{fc_name} snapshot"),
-                        command,
-                        ok: false,
-                        create_ms: None,
-                        memory_on_disk_bytes: None,
-                        error: Some(e),
-                    });
-                }
+                Err(e) => eprintln!("snapshot bench: {fc_name}: no snapshot: {e}"),
             }
+            setup.push(p.setup);
         }
     }
 
@@ -467,8 +362,8 @@ fn bench(args: Args) -> Result<(), String> {
             sizes: args.sizes.iter().map(|s| s.label.clone()).collect(),
             guest_dir: gdir.display().to_string(),
             loft_bin: loft.display().to_string(),
-            tick_cmd: TICK_CMD.into(),
-            tick_marker: TICK_MARKER.into(),
+            tick_cmd: tick::TICK_CMD.into(),
+            tick_marker: tick::TICK_MARKER.into(),
             timeout_s: args.timeout,
             commands,
             started_utc,

@@ -17,6 +17,8 @@ use serde_json::json;
 
 use crate::fc_api::request;
 use crate::measure::SpawnHook;
+use crate::report::Setup;
+use crate::{on_disk, tick, vm};
 
 /// A Firecracker snapshot: its state and memory files.
 #[derive(Clone, Debug)]
@@ -172,4 +174,65 @@ pub fn load(fc: &Path, snap: &FcSnapshot, sock: &Path) -> (Command, SpawnHook) {
         request(&sock, "PUT", "/snapshot/load", &body, deadline)
     });
     (cmd, hook)
+}
+
+/// The Firecracker runner's snapshot: what taking it gave (for the report), and the binary and
+/// snapshot to load, or why there are none.
+pub struct Prepared {
+    pub setup: Setup,
+    pub snapshot: Result<(PathBuf, FcSnapshot), String>,
+}
+
+/// Takes the Firecracker runner's snapshot of the ticking guest in `guest_dir` into
+/// `work/fc-tick`, when `FIRECRACKER` names a binary (`None` otherwise).
+pub fn prepare(
+    name: &str,
+    guest_dir: &Path,
+    work: &Path,
+    logs: &Path,
+    timeout: Duration,
+) -> Option<Prepared> {
+    let fc = PathBuf::from(std::env::var_os("FIRECRACKER").filter(|v| !v.is_empty())?);
+    let guest = Guest {
+        kernel: &guest_dir.join("vmlinux"),
+        initrd: &guest_dir.join("initramfs.cpio"),
+        cmdline: format!("{} guest_cmd=\"{}\"", vm::guest_cmdline(), tick::TICK_CMD),
+        mem_mib: vm::GUEST_MEM_MIB,
+    };
+    let taken = take(
+        &fc,
+        &guest,
+        &work.join("fc-tick"),
+        tick::TICK_MARKER,
+        timeout,
+        &logs.join("firecracker-create.log"),
+    );
+    let setup = Setup {
+        name: format!("{name} snapshot"),
+        command: format!(
+            "{} --api-sock … --config-file …, PATCH /vm Paused, PUT /snapshot/create",
+            fc.display()
+        ),
+        ok: taken.is_ok(),
+        create_ms: taken.as_ref().ok().map(|s| s.create_ms),
+        memory_on_disk_bytes: taken.as_ref().ok().and_then(|s| on_disk(&s.memory)),
+        error: taken.as_ref().err().cloned(),
+    };
+    Some(Prepared {
+        setup,
+        snapshot: taken.map(|snap| (fc, snap)),
+    })
+}
+
+/// What the report says about the runner named `name`.
+pub fn note(name: &str) -> String {
+    format!(
+        "{name} is UNTESTED code (written without a Firecracker binary at hand): Firecracker \
+         booted with --config-file and an API socket, paused by PATCH /vm and saved by PUT \
+         /snapshot/create when its console printed '{}'; each run spawns `firecracker \
+         --api-sock` and sends PUT /snapshot/load with resume_vm: true as soon as the socket \
+         accepts. Its first byte may be Firecracker's own log line; the first tick is the \
+         guest's",
+        tick::TICK_MARKER
+    )
 }

@@ -10,10 +10,8 @@ use crate::firecracker::{self, FcSnapshot};
 use crate::host::show;
 use crate::measure::{self, Options};
 use crate::report::FirstByteRun;
+use crate::tick::TICK;
 use crate::timer;
-
-/// What a restored ticking guest prints first (after the rest of a line it was cut in).
-pub const TICK: &str = "tick ";
 
 /// Something restoring a ticking guest.
 pub enum Target {
