@@ -252,6 +252,12 @@ fn run(args: RunArgs, started: Instant) -> Result<loft::StopReason, loft::Error>
     if args.boot_timer {
         eprintln!("loft-boot-timer: {}", vm.boot_times());
     }
+    let dropped = vm.console_bytes_dropped();
+    if dropped > 0 {
+        eprintln!(
+            "loft: {dropped} bytes of guest console output were dropped: stdout did not keep up"
+        );
+    }
     result
 }
 

@@ -1,4 +1,11 @@
-//! The host side of the serial console: host input into the guest's UART.
+//! The host side of the serial console: host input into the guest's UART, and the guest's
+//! output on its way to the host's writer.
+//!
+//! The UART is written by a vCPU thread holding the UART's lock. Output therefore never goes
+//! to the host's writer directly (a full pipe nobody reads would stop the vCPU, and the VM
+//! with it): it goes into a bounded buffer that a `loft-console` thread drains into the
+//! writer. When the buffer is full, bytes are dropped and counted (as Firecracker counts lost
+//! log lines), and loft reports the count; a slow reader loses output, never the VM.
 
 use std::fs::File;
 use std::io::{self, IsTerminal, Read};
@@ -130,6 +137,211 @@ impl MutEventSubscriber for ConsoleInput {
                 }
             }
         }
+    }
+}
+
+/// Most guest output held for a slow writer before bytes are dropped, by default.
+pub const CONSOLE_BUFFER: usize = 1 << 20;
+
+/// The buffer between the UART (writing) and the `loft-console` thread (draining).
+#[derive(Default)]
+struct Pending {
+    bytes: std::collections::VecDeque<u8>,
+    /// The UART side is gone: drain what is left and end.
+    closed: bool,
+    /// The drain thread has ended.
+    drained: bool,
+}
+
+/// What the UART side and the drain thread share.
+struct Shared {
+    capacity: usize,
+    pending: Mutex<Pending>,
+    changed: std::sync::Condvar,
+    dropped: std::sync::atomic::AtomicU64,
+}
+
+/// The UART's end: a writer that never blocks.
+struct BufferedConsole(Arc<Shared>);
+
+impl io::Write for BufferedConsole {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut p = lock(&self.0.pending);
+        let room = self.0.capacity.saturating_sub(p.bytes.len());
+        let taken = room.min(buf.len());
+        p.bytes.extend(&buf[..taken]);
+        drop(p);
+        if taken < buf.len() {
+            self.0.dropped.fetch_add(
+                (buf.len() - taken) as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+        self.0.changed.notify_one();
+        // Dropped bytes count as written: the UART must not retry them.
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for BufferedConsole {
+    fn drop(&mut self) {
+        lock(&self.0.pending).closed = true;
+        self.0.changed.notify_all();
+    }
+}
+
+/// The drain side of a console: how many bytes were dropped, and waiting for the drain.
+pub struct ConsoleDrain(Arc<Shared>);
+
+impl ConsoleDrain {
+    /// Guest output bytes dropped so far because the writer did not keep up.
+    pub fn dropped(&self) -> u64 {
+        self.0.dropped.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Once the UART side is gone, waits (at most `timeout`) until what it wrote has reached
+    /// the writer. A writer that blocks longer keeps its thread, and the rest is lost.
+    pub fn finish(&self, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut p = lock(&self.0.pending);
+        while !p.drained {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            p = self
+                .0
+                .changed
+                .wait_timeout(p, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+/// Puts a buffer of `capacity` bytes and a `loft-console` thread between the UART and `sink`:
+/// returns the writer to give the UART and the drain's handle.
+pub fn buffered(
+    mut sink: Box<dyn io::Write + Send>,
+    capacity: usize,
+) -> io::Result<(loft_devices::serial::ConsoleOut, ConsoleDrain)> {
+    let shared = Arc::new(Shared {
+        capacity,
+        pending: Mutex::new(Pending::default()),
+        changed: std::sync::Condvar::new(),
+        dropped: std::sync::atomic::AtomicU64::new(0),
+    });
+    let drain = shared.clone();
+    std::thread::Builder::new()
+        .name("loft-console".into())
+        .spawn(move || {
+            let mut chunk = Vec::with_capacity(64 << 10);
+            loop {
+                let closed = {
+                    let mut p = lock(&drain.pending);
+                    while p.bytes.is_empty() && !p.closed {
+                        p = drain.changed.wait(p).unwrap_or_else(|e| e.into_inner());
+                    }
+                    let n = p.bytes.len().min(chunk.capacity());
+                    chunk.clear();
+                    chunk.extend(p.bytes.drain(..n));
+                    p.closed && p.bytes.is_empty()
+                };
+                if !chunk.is_empty() && sink.write_all(&chunk).and_then(|_| sink.flush()).is_err() {
+                    // The writer is gone (a closed pipe): nothing more can be shown.
+                    let mut p = lock(&drain.pending);
+                    let lost = p.bytes.len() as u64;
+                    p.bytes.clear();
+                    drain.dropped.fetch_add(
+                        lost + chunk.len() as u64,
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
+                }
+                if closed {
+                    break;
+                }
+            }
+            lock(&drain.pending).drained = true;
+            drain.changed.notify_all();
+        })?;
+    Ok((
+        Box::new(BufferedConsole(shared.clone())),
+        ConsoleDrain(shared),
+    ))
+}
+
+#[cfg(test)]
+mod buffered_tests {
+    use super::*;
+    use std::io::Write;
+
+    /// A writer that blocks until released, like a pipe nobody reads.
+    struct Stuck(Arc<(Mutex<bool>, std::sync::Condvar)>);
+
+    impl io::Write for Stuck {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let mut open = lock(&self.0 .0);
+            while !*open {
+                open = self.0 .1.wait(open).unwrap();
+            }
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stuck_writer_never_blocks_the_uart_and_what_did_not_fit_is_counted() {
+        let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let (mut uart, drain) = buffered(Box::new(Stuck(gate.clone())), CONSOLE_BUFFER).unwrap();
+        let started = std::time::Instant::now();
+        let line = vec![b'x'; 4096];
+        for _ in 0..(3 * CONSOLE_BUFFER / line.len()) {
+            uart.write_all(&line).unwrap();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "the UART side waited"
+        );
+        let dropped = drain.dropped();
+        assert!(dropped >= (CONSOLE_BUFFER as u64), "{dropped}");
+        drop(uart);
+        drain.finish(Duration::from_millis(50)); // bounded while the writer is stuck
+        *gate.0.lock().unwrap() = true;
+        gate.1.notify_all();
+        drain.finish(Duration::from_secs(5));
+        assert!(lock(&drain.0.pending).drained);
+    }
+
+    #[test]
+    fn everything_reaches_a_writer_that_keeps_up_in_order() {
+        let out = Arc::new(Mutex::new(Vec::new()));
+        struct Into(Arc<Mutex<Vec<u8>>>);
+        impl io::Write for Into {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                lock(&self.0).extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let (mut uart, drain) = buffered(Box::new(Into(out.clone())), CONSOLE_BUFFER).unwrap();
+        let mut expected = Vec::new();
+        for i in 0..1000u32 {
+            let line = format!("line {i}\n");
+            uart.write_all(line.as_bytes()).unwrap();
+            expected.extend_from_slice(line.as_bytes());
+        }
+        drop(uart);
+        drain.finish(Duration::from_secs(5));
+        assert_eq!(drain.dropped(), 0);
+        assert!(*lock(&out) == expected, "output reordered or lost");
     }
 }
 

@@ -33,6 +33,7 @@ use loft_devices::sync::lock;
 use crate::boot_timer::{BootTimes, Timeline};
 use crate::builder;
 use crate::config::{self, DiskConfig, MemSize, NetConfig, VmConfig, VsockConfig};
+use crate::console::ConsoleDrain;
 use crate::device_manager::DeviceOverrides;
 use crate::snapshot::{MachineConfig, Snapshot, SnapshotError, SnapshotInfo};
 use crate::stop::{StopNotifier, StopReason};
@@ -52,6 +53,7 @@ enum Console {
 pub struct VmBuilder {
     guest_dir: Option<PathBuf>,
     stdin_console: bool,
+    console_buffer: usize,
     times_from: Option<Instant>,
     kernel: Option<PathBuf>,
     initrd: Option<PathBuf>,
@@ -122,6 +124,7 @@ impl VmBuilder {
         Self {
             guest_dir: None,
             stdin_console: false,
+            console_buffer: crate::console::CONSOLE_BUFFER,
             times_from: None,
             kernel: None,
             initrd: None,
@@ -249,9 +252,18 @@ impl VmBuilder {
         self
     }
 
-    /// Streams the console output to `writer` as the guest writes it.
+    /// Streams the console output to `writer` as the guest writes it. The guest never waits for
+    /// `writer`: up to [`VmBuilder::console_buffer`] bytes wait in a buffer, and past that output
+    /// is dropped and counted ([`VmHandle::console_bytes_dropped`]).
     pub fn console_writer(mut self, writer: impl Write + Send + 'static) -> Self {
         self.console = Console::Writer(Mutex::new(Box::new(writer)));
+        self
+    }
+
+    /// Holds at most `bytes` of console output for a writer that does not keep up (default
+    /// 1 MiB); past that, output is dropped and counted ([`VmHandle::console_bytes_dropped`]).
+    pub fn console_buffer(mut self, bytes: usize) -> Self {
+        self.console_buffer = bytes;
         self
     }
 
@@ -335,17 +347,17 @@ impl VmBuilder {
             what: "create a private directory for the VM's sockets",
             source,
         })?;
-        let (mut vmm, agent) = match &self.restore {
+        let (mut vmm, agent, console) = match &self.restore {
             Some(snapshot) => {
                 let (overrides, agent) = self.restore_overrides(snapshot, &sockets)?;
-                let out = self.console_out(&captured);
+                let (out, drain) = self.console_out(&captured)?;
                 let vmm = builder::build_microvm_from_snapshot(
                     snapshot,
                     &overrides,
                     out,
                     timeline.clone(),
                 )?;
-                (vmm, agent)
+                (vmm, agent, drain)
             }
             None => {
                 let config = self.config(&sockets.vsock())?;
@@ -357,9 +369,9 @@ impl VmBuilder {
                     cmdline: config.cmdline.clone(),
                     agent_port: agent.is_some().then_some(AGENT_PORT),
                 };
-                let out = self.console_out(&captured);
+                let (out, drain) = self.console_out(&captured)?;
                 let vmm = builder::build_microvm_for_boot(&config, meta, out, timeline.clone())?;
-                (vmm, agent.map(|v| v.uds))
+                (vmm, agent.map(|v| v.uds), drain)
             }
         };
         if self.stdin_console {
@@ -388,6 +400,7 @@ impl VmBuilder {
             thread: Mutex::new(Some(thread)),
             done,
             captured,
+            console,
             timeline,
             agent,
             agent_timeout: self.agent_timeout,
@@ -397,16 +410,24 @@ impl VmBuilder {
         })
     }
 
-    /// Where the console goes, taking the builder's writer.
-    fn console_out(&self, captured: &Arc<Mutex<Vec<u8>>>) -> Box<dyn Write + Send> {
-        match &self.console {
+    /// Where the console goes, taking the builder's writer, behind the bounded buffer that keeps
+    /// a slow writer from stopping the guest (see [`crate::console::buffered`]).
+    fn console_out(
+        &self,
+        captured: &Arc<Mutex<Vec<u8>>>,
+    ) -> Result<(Box<dyn Write + Send>, ConsoleDrain), Error> {
+        let sink: Box<dyn Write + Send> = match &self.console {
             Console::Discard => Box::new(io::sink()),
             Console::Capture => Box::new(SharedBuffer(captured.clone())),
             Console::Writer(w) => {
                 let mut w = lock(w);
                 Box::new(std::mem::replace(&mut *w, Box::new(io::sink())))
             }
-        }
+        };
+        crate::console::buffered(sink, self.console_buffer).map_err(|source| Error::Host {
+            what: "start the console thread",
+            source,
+        })
     }
 
     /// The host resources a restored VM gets, checked against the snapshot; and the agent's
@@ -528,6 +549,9 @@ impl VmBuilder {
     }
 }
 
+/// How long a stopped VM's remaining console output may take to reach its writer.
+const CONSOLE_FLUSH_TIMEOUT: Duration = Duration::from_millis(300);
+
 /// How long the post-restore sync with the agent may take.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -599,6 +623,7 @@ pub struct VmHandle {
     thread: Mutex<Option<JoinHandle<Result<StopReason, Error>>>>,
     done: Arc<Done>,
     captured: Arc<Mutex<Vec<u8>>>,
+    console: ConsoleDrain,
     timeline: Arc<Timeline>,
     agent: Option<PathBuf>,
     agent_timeout: Duration,
@@ -773,10 +798,19 @@ impl VmHandle {
 
     fn collect(&self) -> Result<StopReason, Error> {
         let thread = lock(&self.thread).take().ok_or(Error::AlreadyWaited)?;
-        match thread.join() {
+        let result = match thread.join() {
             Ok(result) => result,
             Err(_) => Err(Error::VmmPanicked),
-        }
+        };
+        // The guest's last words reach the writer, unless it blocks (then they are dropped).
+        self.console.finish(CONSOLE_FLUSH_TIMEOUT);
+        result
+    }
+
+    /// Guest console bytes dropped so far because the console's writer did not keep up (the
+    /// guest never waits for it: see [`VmBuilder::console_writer`]).
+    pub fn console_bytes_dropped(&self) -> u64 {
+        self.console.dropped()
     }
 }
 

@@ -14,6 +14,7 @@ mod common;
 mod bench_boot;
 mod boot;
 mod clones;
+mod console;
 mod exec;
 mod exec_limits;
 mod snapshot;
