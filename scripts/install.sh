@@ -19,7 +19,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-cargo build --release --quiet -p loft-cli
+"${CARGO:-cargo}" build --release --quiet -p loft-cli
 [ -s target/guest/vmlinux ] || firmware/build.sh
 
 mkdir -p "$PREFIX/bin" "$PREFIX/share/loft/guest"
