@@ -109,12 +109,31 @@ struct VmArgs {
     /// convention: connect, write "CONNECT PORT")
     #[arg(long, value_name = "cid=N,uds=PATH")]
     vsock: Option<VsockConfig>,
+    /// seccomp filters on loft's threads: each may make only the system calls it needs, and a
+    /// forbidden one ends loft (docs/seccomp.md)
+    #[arg(
+        long,
+        value_name = "on|off",
+        default_value = "off",
+        value_parser = on_off(),
+        action = clap::ArgAction::Set
+    )]
+    seccomp: bool,
+}
+
+/// `on` or `off`, as a bool.
+fn on_off() -> impl clap::builder::TypedValueParser<Value = bool> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(["on", "off"]).map(|v| v == "on")
 }
 
 /// The VM `args` describe. The defaults (the bundled guest, `--root` as the first disk with
 /// `root=/dev/vda rw`) are the library's, so `loft run` and an embedder get the same VM.
 fn vm_builder(args: &VmArgs, started: Instant) -> VmBuilder {
-    let mut b = VmBuilder::new().cmdline(&args.cmdline).times_from(started);
+    let mut b = VmBuilder::new()
+        .cmdline(&args.cmdline)
+        .times_from(started)
+        .seccomp(args.seccomp);
     if let Some(n) = args.cpus {
         b = b.cpus(n);
     }
@@ -160,12 +179,18 @@ fn install_terminate_handlers() {
 }
 
 /// Runs `body` while a watcher thread stops `vm` when a terminating signal arrives (a signal
-/// handler cannot take the locks stopping needs).
-fn stop_on_signal<T>(vm: &VmHandle, body: impl FnOnce() -> T) -> T {
+/// handler cannot take the locks stopping needs). With `seccomp`, the watcher confines itself.
+fn stop_on_signal<T>(vm: &VmHandle, seccomp: bool, body: impl FnOnce() -> T) -> T {
     install_terminate_handlers();
     let finished = AtomicBool::new(false);
     std::thread::scope(|scope| {
         scope.spawn(|| {
+            if seccomp {
+                use loft::seccomp::{confine_current_thread, ThreadKind};
+                if let Err(e) = confine_current_thread(ThreadKind::SignalWatcher) {
+                    log::warn!("{e}");
+                }
+            }
             while !finished.load(Ordering::Acquire) {
                 if INTERRUPTED.load(Ordering::Acquire) {
                     vm.stop();
@@ -194,7 +219,7 @@ fn run_builder(args: &RunArgs, started: Instant) -> Result<VmBuilder, loft::Erro
 /// command's exit code.
 fn run_command(args: RunArgs, started: Instant) -> Result<u8, loft::Error> {
     let vm = run_builder(&args, started)?.capture_console().start()?;
-    let result = stop_on_signal(&vm, || {
+    let result = stop_on_signal(&vm, args.vm.seccomp, || {
         let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
         vm.exec_streaming(
             &ExecRequest::new(args.command.clone()),
@@ -248,7 +273,7 @@ fn run(args: RunArgs, started: Instant) -> Result<loft::StopReason, loft::Error>
         what: "put the terminal in raw mode",
         source,
     })?;
-    let result = stop_on_signal(&vm, || vm.wait());
+    let result = stop_on_signal(&vm, args.vm.seccomp, || vm.wait());
     if args.boot_timer {
         eprintln!("loft-boot-timer: {}", vm.boot_times());
     }
@@ -273,7 +298,7 @@ fn snapshot_create(args: CreateArgs, started: Instant) -> Result<(), loft::Error
         builder = builder.capture_console();
     }
     let vm = builder.start()?;
-    let ready = stop_on_signal(&vm, || match &args.when_console {
+    let ready = stop_on_signal(&vm, args.vm.seccomp, || match &args.when_console {
         Some(_) => seen.wait(&vm),
         None => vm.wait_for_agent().map(|()| true),
     })?;

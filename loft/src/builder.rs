@@ -27,6 +27,7 @@ use crate::device_manager::{
 use crate::event_loop::EventLoop;
 use crate::host::KvmFlavour;
 use crate::loader::{self, KernelImage, LoadedKernel};
+use crate::seccomp::{self, ThreadKind};
 use crate::snapshot::{self, MachineConfig, Snapshot, SnapshotError};
 use crate::stop::StopNotifier;
 use crate::vmm::{Vmm, VmmParts};
@@ -39,17 +40,19 @@ use crate::vstate::{memory, vm};
 use crate::Error;
 
 /// Builds a VM that boots `config`'s kernel. Nothing runs yet; the guest's console output goes
-/// to `console`, and the phases are recorded in `timeline`.
+/// to `console`, and the phases are recorded in `timeline`. With `seccomp`, the loader threads
+/// confine themselves with their filter.
 pub fn build_microvm_for_boot(
     config: &VmConfig,
     machine: MachineConfig,
     console: ConsoleOut,
     timeline: Arc<Timeline>,
+    seccomp: bool,
 ) -> Result<Vmm, Error> {
     let mut guest = check_config(config)?;
     let kvm = open_kvm(config)?;
     let mem = memory::create(config.memory.bytes())?;
-    let (vm, loaded, initrd_at) = create_vm_while_loading(&kvm, &mem, &mut guest)?;
+    let (vm, loaded, initrd_at) = create_vm_while_loading(&kvm, &mem, &mut guest, seccomp)?;
     let mut a = Assembly::new(kvm, vm, mem, console, None, timeline)?;
     attach_virtio_devices(config, &a.vm, &a.mem, &mut a.event_loop, &mut a.devices)?;
     let flavour = KvmFlavour::detect();
@@ -244,6 +247,7 @@ fn create_vm_while_loading(
     kvm: &Kvm,
     mem: &GuestMemoryMmap,
     guest: &mut GuestImages<'_>,
+    seccomp: bool,
 ) -> Result<(VmFd, LoadedKernel, Option<InitrdPlacement>), Error> {
     std::thread::scope(|s| -> Result<_, Error> {
         let kernel_end = guest.kernel.end;
@@ -254,7 +258,8 @@ fn create_vm_while_loading(
                 Some(
                     loader()
                         .spawn_scoped(s, move || {
-                            loader::load_initrd(mem, path, file, len, kernel_end)
+                            seccomp::confine_if(seccomp, ThreadKind::Loader)?;
+                            Ok::<_, Error>(loader::load_initrd(mem, path, file, len, kernel_end)?)
                         })
                         .map_err(sys("start a loader thread"))?,
                 )
@@ -263,7 +268,10 @@ fn create_vm_while_loading(
         };
         let kernel = &mut guest.kernel;
         let kernel_job = loader()
-            .spawn_scoped(s, move || loader::load_kernel(mem, kernel))
+            .spawn_scoped(s, move || {
+                seccomp::confine_if(seccomp, ThreadKind::Loader)?;
+                Ok::<_, Error>(loader::load_kernel(mem, kernel)?)
+            })
             .map_err(sys("start a loader thread"))?;
         let vm_fd = create_vm(kvm, mem);
         /// A loader thread's result (a panic there is a bug: it goes on here).

@@ -18,6 +18,7 @@ use loft_devices::serial::SerialConsole;
 use loft_devices::sync::lock;
 use vmm_sys_util::timerfd::TimerFd;
 
+use crate::seccomp::{self, ThreadKind};
 use crate::stop::{StopNotifier, StopReason};
 
 /// Ctrl-A: the escape key, as in QEMU. Ctrl-A x quits; Ctrl-A Ctrl-A sends one Ctrl-A.
@@ -224,10 +225,12 @@ impl ConsoleDrain {
 }
 
 /// Puts a buffer of `capacity` bytes and a `loft-console` thread between the UART and `sink`:
-/// returns the writer to give the UART and the drain's handle.
+/// returns the writer to give the UART and the drain's handle. With `seccomp`, the thread
+/// confines itself (and `sink` runs under its filter).
 pub fn buffered(
     mut sink: Box<dyn io::Write + Send>,
     capacity: usize,
+    seccomp: bool,
 ) -> io::Result<(loft_devices::serial::ConsoleOut, ConsoleDrain)> {
     let shared = Arc::new(Shared {
         capacity,
@@ -239,6 +242,12 @@ pub fn buffered(
     std::thread::Builder::new()
         .name("loft-console".into())
         .spawn(move || {
+            if let Err(e) = seccomp::confine_if(seccomp, ThreadKind::Console) {
+                log::error!("{e}: the guest's console output is lost");
+                lock(&drain.pending).drained = true;
+                drain.changed.notify_all();
+                return;
+            }
             let mut chunk = Vec::with_capacity(64 << 10);
             loop {
                 let closed = {
@@ -298,7 +307,8 @@ mod buffered_tests {
     #[test]
     fn a_stuck_writer_never_blocks_the_uart_and_what_did_not_fit_is_counted() {
         let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
-        let (mut uart, drain) = buffered(Box::new(Stuck(gate.clone())), CONSOLE_BUFFER).unwrap();
+        let (mut uart, drain) =
+            buffered(Box::new(Stuck(gate.clone())), CONSOLE_BUFFER, false).unwrap();
         let started = std::time::Instant::now();
         let line = vec![b'x'; 4096];
         for _ in 0..(3 * CONSOLE_BUFFER / line.len()) {
@@ -331,7 +341,8 @@ mod buffered_tests {
                 Ok(())
             }
         }
-        let (mut uart, drain) = buffered(Box::new(Into(out.clone())), CONSOLE_BUFFER).unwrap();
+        let (mut uart, drain) =
+            buffered(Box::new(Into(out.clone())), CONSOLE_BUFFER, false).unwrap();
         let mut expected = Vec::new();
         for i in 0..1000u32 {
             let line = format!("line {i}\n");

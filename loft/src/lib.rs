@@ -33,6 +33,7 @@ mod event_loop;
 mod host;
 mod loader;
 mod sandbox;
+pub mod seccomp;
 mod snapshot;
 mod stop;
 mod vmm;
@@ -55,6 +56,7 @@ pub mod error {
     pub use crate::config::ConfigError;
     pub use crate::device_manager::DeviceManagerError;
     pub use crate::loader::LoaderError;
+    pub use crate::seccomp::SeccompError;
     pub use crate::snapshot::{SnapshotError, SnapshotMemoryError, StateFileError};
     pub use crate::vstate::control::ControlError;
     pub use crate::vstate::host_facts::CompatError;
@@ -149,6 +151,9 @@ pub enum Error {
     /// Talking to the guest agent failed.
     #[error("guest agent")]
     Agent(#[from] loft_agent::client::AgentError),
+    /// A seccomp filter could not be set up.
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
     /// The VMM thread panicked (a bug in loft).
     #[error("the VMM thread panicked")]
     VmmPanicked,

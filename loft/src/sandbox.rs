@@ -65,6 +65,7 @@ pub struct VmBuilder {
     agent: bool,
     agent_timeout: Duration,
     restore: Option<Snapshot>,
+    seccomp: bool,
 }
 
 /// The vsock port the guest agent listens on.
@@ -136,6 +137,7 @@ impl VmBuilder {
             agent: true,
             agent_timeout: DEFAULT_AGENT_TIMEOUT,
             restore: None,
+            seccomp: false,
         }
     }
 
@@ -279,6 +281,15 @@ impl VmBuilder {
         self
     }
 
+    /// Whether loft's threads for this VM confine themselves with seccomp filters (off by
+    /// default for now): each kind of thread may then make only the system calls it needs, and a
+    /// forbidden one ends the process (see [`crate::seccomp`]). The thread calling
+    /// [`VmBuilder::start`] and the program's other threads are never filtered.
+    pub fn seccomp(mut self, on: bool) -> Self {
+        self.seccomp = on;
+        self
+    }
+
     /// Counts [`VmHandle::boot_times`] from `origin` (for example the process's start) instead
     /// of from [`VmBuilder::start`].
     pub fn times_from(mut self, origin: Instant) -> Self {
@@ -341,6 +352,9 @@ impl VmBuilder {
     /// Builds the VM and starts it on threads of its own. Returns once the VM is built (all
     /// input checked, guest loaded); the guest then boots in the background.
     pub fn start(self) -> Result<VmHandle, Error> {
+        if self.seccomp {
+            crate::seccomp::prepare()?;
+        }
         let captured = Arc::new(Mutex::new(Vec::new()));
         let timeline = Arc::new(Timeline::new(self.times_from.unwrap_or_else(Instant::now)));
         let sockets = PrivateDir::new().map_err(|source| Error::Host {
@@ -370,13 +384,21 @@ impl VmBuilder {
                     agent_port: agent.is_some().then_some(AGENT_PORT),
                 };
                 let (out, drain) = self.console_out(&captured)?;
-                let vmm = builder::build_microvm_for_boot(&config, meta, out, timeline.clone())?;
+                let vmm = builder::build_microvm_for_boot(
+                    &config,
+                    meta,
+                    out,
+                    timeline.clone(),
+                    self.seccomp,
+                )?;
                 (vmm, agent.map(|v| v.uds), drain)
             }
         };
         if self.stdin_console {
             vmm.attach_stdin()?;
         }
+        // The VMM runs on a thread of its own, below.
+        vmm.set_seccomp(self.seccomp);
         let stopper = vmm.stop_handle();
         let requests = vmm.requests();
         let done = Arc::new(Done::default());
@@ -424,9 +446,11 @@ impl VmBuilder {
                 Box::new(std::mem::replace(&mut *w, Box::new(io::sink())))
             }
         };
-        crate::console::buffered(sink, self.console_buffer).map_err(|source| Error::Host {
-            what: "start the console thread",
-            source,
+        crate::console::buffered(sink, self.console_buffer, self.seccomp).map_err(|source| {
+            Error::Host {
+                what: "start the console thread",
+                source,
+            }
         })
     }
 

@@ -22,6 +22,7 @@ use crate::builder::sys;
 use crate::console::ConsoleInput;
 use crate::device_manager::{DeviceManager, LegacyDevices};
 use crate::event_loop::{EventLoop, StopWatch};
+use crate::seccomp::{self, ThreadKind};
 use crate::snapshot::{self, MachineConfig, SnapshotError, SnapshotInfo, SnapshotState};
 use crate::stop::{StopNotifier, StopReason};
 use crate::vstate::control::VcpuControl;
@@ -48,6 +49,7 @@ pub struct Vmm {
     mem: GuestMemoryMmap,
     machine: MachineConfig,
     timeline: Arc<Timeline>,
+    seccomp: bool,
 }
 
 /// What the builder hands over to make a [`Vmm`].
@@ -98,12 +100,19 @@ impl Vmm {
             mem: p.mem,
             machine: p.machine,
             timeline: p.timeline,
+            seccomp: false,
         }
     }
 
     /// The run's phases.
     pub fn timeline(&self) -> &Timeline {
         &self.timeline
+    }
+
+    /// Whether [`Vmm::run`] confines the vCPU threads and the thread it runs on with their
+    /// seccomp filters (off until set: call it only when that thread is one of loft's own).
+    pub fn set_seccomp(&mut self, on: bool) {
+        self.seccomp = on;
     }
 
     /// Where another thread asks this VMM for a snapshot.
@@ -138,9 +147,20 @@ impl Vmm {
             .add_subscriber(Arc::new(Mutex::new(RequestWatch(self.requests.clone()))));
         let mut handles: Vec<JoinHandle<()>> = Vec::with_capacity(self.vcpus.len());
         for (i, vcpu) in self.vcpus.drain(..).enumerate() {
+            let (seccomp, notifier) = (self.seccomp, self.notifier.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("loft-vcpu{i}"))
-                .spawn(move || vcpu.run())
+                .spawn(move || {
+                    // Before the first KVM_RUN.
+                    if let Err(e) = seccomp::confine_if(seccomp, ThreadKind::Vcpu) {
+                        notifier.notify(StopReason::VcpuError {
+                            cpu: i as u8,
+                            message: e.to_string(),
+                        });
+                        return;
+                    }
+                    vcpu.run()
+                })
                 .map_err(sys("start a vCPU thread"));
             match handle {
                 Ok(h) => handles.push(h),
@@ -150,6 +170,12 @@ impl Vmm {
                     return Err(e);
                 }
             }
+        }
+        // Once the vCPU threads are started: this thread starts no other.
+        if let Err(e) = seccomp::confine_if(self.seccomp, ThreadKind::Vmm) {
+            self.notifier.notify(StopReason::Stopped);
+            stop_vcpus(&self.stop, handles);
+            return Err(e.into());
         }
         let result = loop {
             match self.event_loop.run_with_timeout(250) {
