@@ -27,7 +27,10 @@ fn an_installed_loft_finds_its_guest_from_any_directory() {
     let out = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/install.sh"))
         .arg("--prefix")
         .arg(&prefix)
-        .env("CARGO", std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .env(
+            "CARGO",
+            std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()),
+        )
         .stdin(Stdio::null())
         .output()
         .expect("run scripts/install.sh");
