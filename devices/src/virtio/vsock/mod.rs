@@ -34,7 +34,8 @@
 //! [`Vsock::restore`] starts with no connection and, once active, sends the guest a
 //! `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` on the event queue (as soon as the guest has an event
 //! buffer there), so that the driver drops its stale connections; listening sockets stay, and
-//! new connections work as before.
+//! new connections work as before, once the driver has handled the reset (host connections
+//! wait for that, see [`Vsock::restore`]).
 //!
 //! Wiring is that of every virtio device here:
 //! `VirtioMmioDevice::new(Vsock::new(cid, "/run/vm.vsock")?, mem)`, then the transport on the
@@ -47,6 +48,7 @@ pub mod packet;
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use log::{debug, error};
@@ -77,6 +79,10 @@ pub const EVENT_QUEUE: usize = 2;
 const BACKEND_EVENT: u32 = 3;
 /// Packets handled per call before yielding to the rest of the event loop.
 const BUDGET: usize = 256;
+/// How long a restored device keeps host connections waiting for the driver to handle its
+/// transport reset (see [`Vsock::restore`]), at most: a driver that never hands the event
+/// buffer back still gets them then.
+pub const RESET_ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Errors from creating a vsock device.
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +139,9 @@ pub struct Vsock {
     /// A transport reset is owed to the guest (restored device): sent on the event queue once
     /// active and given a buffer.
     reset_pending: bool,
+    /// The transport reset went out and the driver has not handled it yet: it notifies the
+    /// event queue when it has (it gives the event buffer back).
+    reset_unacked: bool,
 }
 
 impl Vsock {
@@ -155,15 +164,25 @@ impl Vsock {
             bounce: vec![0; HDR_LEN + MAX_PAYLOAD],
             tx_stalled: false,
             reset_pending: false,
+            reset_unacked: false,
         })
     }
 
     /// A device for the guest saved in `state`, listening on `uds_path` (the snapshot's or
     /// another), with no connection. Once active it sends the guest a transport reset on the
     /// event queue, so that the driver drops the connections the snapshot had.
+    ///
+    /// Host connections wait (in the listening socket's backlog) until the driver has handled
+    /// that reset, which it tells by notifying the event queue as it gives the buffer back, or
+    /// for [`RESET_ACK_TIMEOUT`] at most. The Linux driver drops every connected socket when it
+    /// handles the reset, without a word to the device; a host connection it took before (its
+    /// RX and event work run in either order) would be dropped with them, and the host would
+    /// wait forever for an answer on it.
     pub fn restore(uds_path: impl Into<PathBuf>, state: &VsockState) -> Result<Self, VsockError> {
         let mut dev = Self::new(state.guest_cid, uds_path)?;
         dev.reset_pending = true;
+        dev.muxer.pause_listener(RESET_ACK_TIMEOUT);
+        dev.muxer.sync();
         Ok(dev)
     }
 
@@ -225,6 +244,7 @@ impl Vsock {
             used += 1;
             if len > 0 {
                 self.reset_pending = false;
+                self.reset_unacked = true;
                 break;
             }
         }
@@ -439,7 +459,9 @@ impl VirtioDevice for Vsock {
         self.tx_stalled = false;
         // The driver starts over: it has no connection left to drop.
         self.reset_pending = false;
+        self.reset_unacked = false;
         self.muxer.reset();
+        self.muxer.resume_listener();
         self.muxer.sync();
     }
 
@@ -466,7 +488,15 @@ impl MutEventSubscriber for Vsock {
                     match i as usize {
                         RX_QUEUE => self.process_rx(),
                         TX_QUEUE => self.process_tx(),
-                        _ => self.process_event_queue(),
+                        _ => {
+                            // The driver notifies the event queue after handling the events
+                            // it was given: the reset is done, host connections may come.
+                            if std::mem::take(&mut self.reset_unacked) {
+                                self.muxer.resume_listener();
+                                self.muxer.sync();
+                            }
+                            self.process_event_queue();
+                        }
                     }
                 }
                 None => debug!("virtio-vsock: event for unknown source {i}"),

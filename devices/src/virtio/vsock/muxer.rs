@@ -287,7 +287,7 @@ impl Muxer {
                     // Out of file descriptors, most likely: pause rather than spin on a listener
                     // that stays readable.
                     warn!("vsock: accept on {} failed: {e}", self.uds_path.display());
-                    self.pause_listener();
+                    self.pause_listener(ACCEPT_RETRY);
                     return;
                 }
             };
@@ -319,13 +319,32 @@ impl Muxer {
         }
     }
 
-    fn pause_listener(&mut self) {
+    /// Stops taking host connections for at most `limit`: they wait in the listening socket's
+    /// backlog, their `CONNECT` line unread, until the limit passes or
+    /// [`Muxer::resume_listener`] is called.
+    pub fn pause_listener(&mut self, limit: Duration) {
         let fd = self.listener.as_raw_fd();
         let _ = self
             .epoll
             .ctl(ControlOperation::Delete, fd, EpollEvent::default());
-        self.listener_resume = Some(Instant::now() + ACCEPT_RETRY);
+        self.listener_resume = Some(Instant::now() + limit);
         self.timer_dirty = true;
+    }
+
+    /// Takes host connections again at once, if paused.
+    pub fn resume_listener(&mut self) {
+        if self.listener_resume.take().is_none() {
+            return;
+        }
+        self.timer_dirty = true;
+        let ev = EpollEvent::new(EventSet::IN, LISTENER_TOKEN);
+        if let Err(e) = self
+            .epoll
+            .ctl(ControlOperation::Add, self.listener.as_raw_fd(), ev)
+        {
+            warn!("vsock: cannot watch the listener again: {e}");
+            self.listener_resume = Some(Instant::now() + ACCEPT_RETRY);
+        }
     }
 
     fn timer_expired(&mut self) {
@@ -333,15 +352,7 @@ impl Muxer {
         self.timer_dirty = true;
         let now = Instant::now();
         if self.listener_resume.is_some_and(|t| t <= now) {
-            self.listener_resume = None;
-            let ev = EpollEvent::new(EventSet::IN, LISTENER_TOKEN);
-            if let Err(e) = self
-                .epoll
-                .ctl(ControlOperation::Add, self.listener.as_raw_fd(), ev)
-            {
-                warn!("vsock: cannot watch the listener again: {e}");
-                self.listener_resume = Some(now + ACCEPT_RETRY);
-            }
+            self.resume_listener();
         }
         let expired: Vec<Key> = self
             .conns

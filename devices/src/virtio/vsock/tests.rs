@@ -1477,10 +1477,17 @@ fn restore_through_the_transport_resets_the_guest_connections() {
         (OP_RST, host_port, 52)
     );
 
-    // A new host connection, through the new socket.
+    // A new host connection, through the new socket: it waits while the driver has not handled
+    // the reset (Linux would take it, then drop it with the stale ones without a word).
     let mut s = UnixStream::connect(&uds).unwrap();
     s.write_all(b"CONNECT 53\n").unwrap();
     run(&mut em);
+    assert_eq!(rxq.used_idx(), 2, "no REQUEST before the reset is handled");
+    // The driver handles the reset: it gives the event buffer back and notifies the queue.
+    evq.add_chain(0, &[DescSpec::w(EV_BUF, 4)]);
+    vdev.queue_evts[2].0.write(1).unwrap();
+    run(&mut em);
+    assert_eq!(evq.used_idx(), 1, "one reset only");
     assert_eq!(rxq.used_idx(), 3);
     let req = Header::from_bytes(
         rxq.read(RX_BUF + 2 * RX_SLOT, HDR_LEN)
@@ -1496,4 +1503,59 @@ fn restore_through_the_transport_resets_the_guest_connections() {
     run(&mut em);
     let line = format!("OK {}\n", req.src_port);
     assert_eq!(read_n(&mut s, line.len()), line.as_bytes());
+}
+
+/// A driver that never gives the reset's event buffer back still gets host connections, once
+/// the wait for it is over.
+#[test]
+fn host_connections_wait_for_the_reset_at_most_a_while() {
+    use crate::virtio::{MmioState, VirtioMmioDevice};
+    use event_manager::{EventManager, SubscriberOps};
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+
+    let m = mem();
+    let dir = TempDir::new();
+    let rxq = TestQueue::new(&m, QUEUE_SIZE);
+    let txq = TestQueue::at(&m, TX_Q_ADDR, QUEUE_SIZE);
+    let evq = TestQueue::at(&m, EV_Q_ADDR, QUEUE_SIZE);
+    let mmio: MmioState = {
+        let vdev =
+            VirtioMmioDevice::new(Vsock::new(CID, dir.join("a.sock")).unwrap(), m.clone()).unwrap();
+        crate::virtio::testing::drive_to_driver_ok(&vdev, &[&rxq, &txq, &evq]);
+        let t = crate::bus::lock(&vdev.transport);
+        t.save()
+    };
+    evq.add_chain(0, &[DescSpec::w(EV_BUF, 4)]);
+    rxq.add_chain(0, &[DescSpec::w(RX_BUF, RX_LEN)]);
+    let state = VsockState {
+        guest_cid: CID,
+        uds_path: dir.join("a.sock"),
+    };
+    let uds = dir.join("b.sock");
+    let mut vsock = Vsock::restore(&uds, &state).unwrap();
+    // As RESET_ACK_TIMEOUT, shorter.
+    vsock.muxer.pause_listener(Duration::from_millis(200));
+    let vdev = VirtioMmioDevice::restore(vsock, m.clone(), &mmio).unwrap();
+    let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
+    em.add_subscriber(vdev.subscriber.clone());
+    let mut s = UnixStream::connect(&uds).unwrap();
+    s.write_all(b"CONNECT 52\n").unwrap();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(100) {
+        em.run_with_timeout(10).unwrap();
+    }
+    assert_eq!(evq.used_idx(), 1, "transport reset sent");
+    assert_eq!(
+        rxq.used_idx(),
+        0,
+        "the connection waits for the reset to be handled"
+    );
+    while rxq.used_idx() == 0 && start.elapsed() < Duration::from_secs(5) {
+        em.run_with_timeout(10).unwrap();
+    }
+    assert_eq!(rxq.used_idx(), 1);
+    let req = Header::from_bytes(rxq.read(RX_BUF, HDR_LEN).as_slice().try_into().unwrap());
+    assert_eq!((req.op, req.dst_port), (OP_REQUEST, 52));
+    assert!(start.elapsed() >= Duration::from_millis(200));
 }
