@@ -152,6 +152,8 @@ struct Pending {
     closed: bool,
     /// The drain thread has ended.
     drained: bool,
+    /// Chunks written so far: how [`ConsoleDrain::finish`] tells a slow writer from a stuck one.
+    written: u64,
 }
 
 /// What the UART side and the drain thread share.
@@ -204,13 +206,17 @@ impl ConsoleDrain {
         self.0.dropped.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Once the UART side is gone, waits (at most `timeout`) until what it wrote has reached
-    /// the writer. A writer that blocks longer keeps its thread, and the rest is lost.
-    pub fn finish(&self, timeout: Duration) {
-        let deadline = std::time::Instant::now() + timeout;
+    /// Once the UART side is gone, waits until what it wrote has reached the writer, as long
+    /// as the writer keeps taking it: a writer that takes nothing for `stall` is given up on
+    /// (it keeps its thread, and the rest is lost).
+    pub fn finish(&self, stall: Duration) {
         let mut p = lock(&self.0.pending);
+        let (mut seen, mut since) = (p.written, std::time::Instant::now());
         while !p.drained {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if p.written != seen {
+                (seen, since) = (p.written, std::time::Instant::now());
+            }
+            let left = stall.saturating_sub(since.elapsed());
             if left.is_zero() {
                 return;
             }
@@ -260,7 +266,11 @@ pub fn buffered(
                     chunk.extend(p.bytes.drain(..n));
                     p.closed && p.bytes.is_empty()
                 };
-                if !chunk.is_empty() && sink.write_all(&chunk).and_then(|_| sink.flush()).is_err() {
+                let failed =
+                    !chunk.is_empty() && sink.write_all(&chunk).and_then(|_| sink.flush()).is_err();
+                lock(&drain.pending).written += 1;
+                drain.changed.notify_all();
+                if failed {
                     // The writer is gone (a closed pipe): nothing more can be shown.
                     let mut p = lock(&drain.pending);
                     let lost = p.bytes.len() as u64;

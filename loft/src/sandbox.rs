@@ -573,7 +573,8 @@ impl VmBuilder {
     }
 }
 
-/// How long a stopped VM's remaining console output may take to reach its writer.
+/// How long a stopped VM's console writer may take nothing before its remaining output is given
+/// up on (a writer that keeps taking output gets all of it).
 const CONSOLE_FLUSH_TIMEOUT: Duration = Duration::from_millis(300);
 
 /// How long the post-restore sync with the agent may take.
@@ -843,6 +844,9 @@ impl Drop for VmHandle {
         if let Some(thread) = lock(&self.thread).take() {
             self.stopper.notify(StopReason::Stopped);
             let _ = thread.join();
+            // The console thread ends once the VM is gone; wait for it (boundedly: a writer
+            // that blocks keeps it), so that a dropped handle leaves no thread of loft behind.
+            self.console.finish(CONSOLE_FLUSH_TIMEOUT);
         }
     }
 }
