@@ -577,8 +577,6 @@ impl VmBuilder {
 /// up on (a writer that keeps taking output gets all of it).
 const CONSOLE_FLUSH_TIMEOUT: Duration = Duration::from_millis(300);
 
-/// How long the post-restore sync with the agent may take.
-const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Fills `buf` from the kernel's random number generator.
 fn getrandom(buf: &mut [u8]) -> io::Result<()> {
@@ -735,7 +733,7 @@ impl VmHandle {
                 std::time::SystemTime::now(),
                 &entropy,
                 Some(&self.clone_id),
-                Some(SYNC_TIMEOUT),
+                Some(self.agent_timeout),
             );
             match result {
                 Ok(()) => break,
