@@ -577,7 +577,6 @@ impl VmBuilder {
 /// up on (a writer that keeps taking output gets all of it).
 const CONSOLE_FLUSH_TIMEOUT: Duration = Duration::from_millis(300);
 
-
 /// Fills `buf` from the kernel's random number generator.
 fn getrandom(buf: &mut [u8]) -> io::Result<()> {
     use std::io::Read;
