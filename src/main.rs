@@ -114,7 +114,7 @@ struct VmArgs {
     #[arg(
         long,
         value_name = "on|off",
-        default_value = "off",
+        default_value = "on",
         value_parser = on_off(),
         action = clap::ArgAction::Set
     )]

@@ -137,7 +137,7 @@ impl VmBuilder {
             agent: true,
             agent_timeout: DEFAULT_AGENT_TIMEOUT,
             restore: None,
-            seccomp: false,
+            seccomp: true,
         }
     }
 
@@ -281,8 +281,8 @@ impl VmBuilder {
         self
     }
 
-    /// Whether loft's threads for this VM confine themselves with seccomp filters (off by
-    /// default for now): each kind of thread may then make only the system calls it needs, and a
+    /// Whether loft's threads for this VM confine themselves with seccomp filters (on by
+    /// default): each kind of thread may then make only the system calls it needs, and a
     /// forbidden one ends the process (see [`crate::seccomp`]). The thread calling
     /// [`VmBuilder::start`] and the program's other threads are never filtered.
     pub fn seccomp(mut self, on: bool) -> Self {

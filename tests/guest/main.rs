@@ -17,6 +17,7 @@ mod clones;
 mod console;
 mod exec;
 mod exec_limits;
+mod seccomp;
 mod snapshot;
 mod virtio;
 

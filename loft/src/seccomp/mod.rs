@@ -9,8 +9,8 @@
 //! `PROT_EXEC`. No loft thread may `execve`, `fork` or `clone`; only the VMM thread may open files
 //! (snapshots) or create sockets (vsock).
 //!
-//! Filters are off by default for now ([`crate::VmBuilder::seccomp`] and `loft run --seccomp on`
-//! turn them on). In the library they apply to loft's own threads only, never to the thread that
+//! Filters are on by default ([`crate::VmBuilder::seccomp`] and `loft run --seccomp off` turn
+//! them off). In the library they apply to loft's own threads only, never to the thread that
 //! calls [`crate::VmBuilder::start`] or any other thread of the embedding program. What runs on
 //! loft's threads on the embedder's behalf runs under their filters: console writers and
 //! callbacks run on the `loft-console` thread (they may write to open files and sockets, lock
