@@ -19,6 +19,7 @@ mod exec;
 mod exec_limits;
 mod seccomp;
 mod snapshot;
+mod snapshot_hard;
 mod virtio;
 
 #[allow(dead_code)]
