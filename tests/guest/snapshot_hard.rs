@@ -443,7 +443,8 @@ impl Child {
                 self.fail(&format!("the child never said {what:?}"));
             };
             self.seen.push(line.clone());
-            if let Some(said) = line.strip_prefix(CHILD_SAYS) {
+            // The harness's "test … ... " may come first on the line.
+            if let Some(said) = line.split_once(CHILD_SAYS).map(|(_, said)| said) {
                 if said.starts_with(what) {
                     return said.to_string();
                 }
