@@ -32,6 +32,21 @@ CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1 \
 CARGO_PROFILE_RELEASE_PANIC=abort \
   cargo build --release --locked -p loft-agent --target "$TARGET" --manifest-path "$REPO/Cargo.toml" >&2
 
+# The tests' in-guest probe (agent/examples/vsock_probe.rs), static the same way; it is not put
+# in the guest image: the tests hand it to a guest on a data disk.
+log "cargo build --release -p loft-agent --example vsock_probe (static) for the tests"
+RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }-C target-feature=+crt-static -C relocation-model=static" \
+CARGO_PROFILE_RELEASE_DEBUG=false \
+CARGO_PROFILE_RELEASE_STRIP=symbols \
+CARGO_PROFILE_RELEASE_LTO=true \
+CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1 \
+CARGO_PROFILE_RELEASE_PANIC=abort \
+  cargo build --release --locked -p loft-agent --features client --example vsock_probe \
+    --target "$TARGET" --manifest-path "$REPO/Cargo.toml" >&2
+PROBE="$CARGO_TARGET_DIR/$TARGET/release/examples/vsock_probe"
+[ -x "$PROBE" ] || die "no binary at $PROBE"
+cp "$PROBE" "$CARGO_TARGET_DIR/vsock_probe.tmp" && mv -f "$CARGO_TARGET_DIR/vsock_probe.tmp" "$CARGO_TARGET_DIR/vsock_probe"
+
 BIN="$CARGO_TARGET_DIR/$TARGET/release/loft-agent"
 [ -x "$BIN" ] || die "no binary at $BIN"
 
