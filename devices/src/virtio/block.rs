@@ -9,9 +9,19 @@
 //!
 //! Snapshots: [`Block::save`] keeps the image's path, read-only flag, capacity and serial as a
 //! [`BlockState`]; [`Block::restore`] opens an image (the same one, or a copy elsewhere) and
-//! shows the guest the same disk. Requests are handled whole within one event, so there is no
-//! request in flight between events; [`Block::sync`] makes the writes durable before a
-//! snapshot.
+//! shows the guest the same disk. [`Block::sync`] makes the writes durable before a snapshot.
+//!
+//! # Threads
+//!
+//! loft serves each disk on a thread of its own, a [`worker::BlockWorker`], so that a long
+//! request (up to a whole disk) or an `fdatasync` never holds up the VMM's event loop (stop,
+//! console, network, vsock). The worker waits on the queue's notification `EventFd`, locks the
+//! device and runs [`Block::process_queue_with`], which looks at the worker's stop and pause
+//! flags between requests (and at the stop flag between the 64 KiB steps of one request).
+//! A request is handled under the device's lock from start to end, so whoever holds the lock
+//! sees no request in flight: that is what a snapshot relies on (see [`worker`]).
+//! [`Block`] also implements `MutEventSubscriber`, for an event loop that runs the queue itself
+//! (the tests, or an embedder of this crate); loft does not use it.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -107,8 +117,9 @@ pub enum BlockError {
 
 /// The saved state of a block device: what the guest was shown of the disk.
 ///
-/// Nothing is in flight between events (each request is read, done and returned within one
-/// event), so there is no request to save; the image itself is not part of the state, and must
+/// Nothing is in flight whenever the device's lock is free (each request is read, done and
+/// returned under the lock, and a snapshot pauses the device's worker first), so there is no
+/// request to save; the image itself is not part of the state, and must
 /// match the guest memory (call [`Block::sync`], or save through
 /// [`super::MmioTransport::save_device`], which does).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,14 +139,37 @@ pub struct BlockState {
 enum Status {
     IoErr,
     Unsupp,
+    /// Not an answer: the device is stopping, and left the request half done and unanswered
+    /// (the guest never sees it complete).
+    Abandoned,
 }
 
 impl Status {
     fn code(self) -> u8 {
         match self {
-            Status::IoErr => VIRTIO_BLK_S_IOERR as u8,
+            Status::IoErr | Status::Abandoned => VIRTIO_BLK_S_IOERR as u8,
             Status::Unsupp => VIRTIO_BLK_S_UNSUPP as u8,
         }
+    }
+}
+
+/// When [`Block::process_queue_with`] must stop taking requests.
+pub trait Halt {
+    /// The device is stopping for good: give up at once, even in the middle of a request
+    /// (which is then never answered).
+    fn stopping(&self) -> bool;
+    /// Take no new request (a request under way is finished first).
+    fn paused(&self) -> bool {
+        self.stopping()
+    }
+}
+
+/// Never halts: what [`Block::process_queue`] uses.
+struct Never;
+
+impl Halt for Never {
+    fn stopping(&self) -> bool {
+        false
     }
 }
 
@@ -150,38 +184,45 @@ struct Disk {
 }
 
 impl Disk {
-    /// Handles one request chain; returns the number of bytes written to the guest.
-    fn handle(&mut self, mem: &GuestMemoryMmap<()>, chain: &Chain) -> u32 {
+    /// Handles one request chain; returns the number of bytes written to the guest, or `None`
+    /// when `halt` said to stop in the middle of it (the chain is then left unanswered).
+    fn handle(&mut self, mem: &GuestMemoryMmap<()>, chain: &Chain, halt: &dyn Halt) -> Option<u32> {
         let Some((status, rest)) = chain.descs.split_last() else {
             debug!("virtio-blk: empty descriptor chain");
-            return 0;
+            return Some(0);
         };
         if !status.is_write_only()
             || status.len() == 0
             || check_range(mem, status.addr(), 1).is_err()
         {
             debug!("virtio-blk: request without a writable status byte, returned unanswered");
-            return 0;
+            return Some(0);
         }
         let result = if chain.complete {
-            self.execute(mem, rest)
+            self.execute(mem, rest, halt)
         } else {
             debug!("virtio-blk: descriptor chain does not terminate");
             Err(Status::IoErr)
         };
         let (code, written) = match result {
             Ok(n) => (VIRTIO_BLK_S_OK as u8, n),
+            Err(Status::Abandoned) => return None,
             Err(s) => (s.code(), 0),
         };
         if mem.write_obj(code, status.addr()).is_err() {
-            return 0;
+            return Some(0);
         }
-        written.saturating_add(1)
+        Some(written.saturating_add(1))
     }
 
     /// Runs the request of header + data descriptors `descs`; returns data bytes written to the
     /// guest.
-    fn execute(&mut self, mem: &GuestMemoryMmap<()>, descs: &[Descriptor]) -> Result<u32, Status> {
+    fn execute(
+        &mut self,
+        mem: &GuestMemoryMmap<()>,
+        descs: &[Descriptor],
+        halt: &dyn Halt,
+    ) -> Result<u32, Status> {
         let Some((header, data)) = descs.split_first() else {
             debug!("virtio-blk: request without a header");
             return Err(Status::IoErr);
@@ -200,8 +241,8 @@ impl Disk {
         sector.copy_from_slice(&hdr[8..16]);
         let sector = u64::from_le_bytes(sector);
         match req_type {
-            VIRTIO_BLK_T_IN => self.read(mem, sector, data),
-            VIRTIO_BLK_T_OUT => self.write(mem, sector, data).map(|()| 0),
+            VIRTIO_BLK_T_IN => self.read(mem, sector, data, halt),
+            VIRTIO_BLK_T_OUT => self.write(mem, sector, data, halt).map(|()| 0),
             VIRTIO_BLK_T_FLUSH => self.flush().map(|()| 0),
             VIRTIO_BLK_T_GET_ID => self.get_id(mem, data),
             other => {
@@ -247,12 +288,16 @@ impl Disk {
         mem: &GuestMemoryMmap<()>,
         sector: u64,
         data: &[Descriptor],
+        halt: &dyn Halt,
     ) -> Result<u32, Status> {
         let mut pos = self.check_transfer(mem, sector, data, true)?;
         let mut written: u32 = 0;
         for d in data {
             let mut done: u32 = 0;
             while done < d.len() {
+                if halt.stopping() {
+                    return Err(Status::Abandoned);
+                }
                 let n = (d.len() - done).min(CHUNK as u32);
                 let buf = &mut self.bounce[..n as usize];
                 self.file.read_exact_at(buf, pos).map_err(|e| {
@@ -274,6 +319,7 @@ impl Disk {
         mem: &GuestMemoryMmap<()>,
         sector: u64,
         data: &[Descriptor],
+        halt: &dyn Halt,
     ) -> Result<(), Status> {
         if self.read_only {
             debug!("virtio-blk: write to a read-only disk");
@@ -283,6 +329,9 @@ impl Disk {
         for d in data {
             let mut done: u32 = 0;
             while done < d.len() {
+                if halt.stopping() {
+                    return Err(Status::Abandoned);
+                }
                 let n = (d.len() - done).min(CHUNK as u32);
                 let buf = &mut self.bounce[..n as usize];
                 let addr = GuestAddress(d.addr().0 + u64::from(done));
@@ -559,18 +608,33 @@ impl Block {
     ///
     /// This is what a queue notification does. It handles at most one queue's worth of
     /// requests per call and re-signals its own notification `EventFd` if more are left, so a
-    /// busy guest cannot hog the event loop. Does nothing before activation.
+    /// busy guest cannot hog the thread that runs it. Does nothing before activation.
     pub fn process_queue(&mut self) {
+        self.process_queue_with(&Never);
+    }
+
+    /// [`Block::process_queue`], taking no new request once `halt` says it is paused or
+    /// stopping, and leaving the request under way (unanswered) once it says it is stopping.
+    ///
+    /// Requests it did not take stay in the available ring, where the next call finds them
+    /// (and so does a snapshot: the queue's position is where this stopped). Returns the
+    /// number of requests answered.
+    pub fn process_queue_with(&mut self, halt: &dyn Halt) -> usize {
         let Some(active) = self.base.active.as_mut() else {
             debug!("virtio-blk: queue notification before activation, ignored");
-            return;
+            return 0;
         };
         let mem = &active.mem;
         let q = &mut active.queues[0];
         let budget = usize::from(q.size());
         let mut handled = 0;
         let mut broken = false;
+        let mut halted = false;
         while handled < budget {
+            if halt.paused() {
+                halted = true;
+                break;
+            }
             let chain = match q.iter(mem) {
                 Ok(mut it) => it.next(),
                 Err(e) => {
@@ -581,7 +645,11 @@ impl Block {
             };
             let Some(chain) = chain else { break };
             let chain = Chain::collect(chain, budget);
-            let len = self.disk.handle(mem, &chain);
+            let Some(len) = self.disk.handle(mem, &chain, halt) else {
+                // Stopping for good: the chain is taken from the ring but never answered.
+                halted = true;
+                break;
+            };
             if let Err(e) = q.add_used(mem, chain.head, len) {
                 debug!("virtio-blk: cannot return descriptor {}: {e}", chain.head);
                 broken = true;
@@ -592,13 +660,19 @@ impl Block {
         if handled > 0 && !matches!(q.needs_notification(mem), Ok(false)) {
             self.base.interrupt.signal_used();
         }
-        if handled == budget {
+        if handled == budget && !halted {
             // Maybe more: come back after the other event sources had their turn.
             self.base.kick(0);
         }
         if broken {
             self.base.fail();
         }
+        handled
+    }
+
+    /// A clone of the queue's notification `EventFd`, for a thread that waits on it.
+    pub fn queue_event(&self) -> io::Result<vmm_sys_util::eventfd::EventFd> {
+        self.base.queue_evts[0].try_clone()
     }
 }
 
@@ -644,6 +718,8 @@ impl MutEventSubscriber for Block {
         }
     }
 }
+
+pub mod worker;
 
 #[cfg(test)]
 mod tests;

@@ -10,8 +10,11 @@
 //!   [`MMIO_WINDOW_SIZE`] bytes (it implements [`BusDevice`]). vCPU threads reach it through
 //!   MMIO exits; it only touches registers and never runs queue work.
 //! - [`VirtioMmioDevice::subscriber`] is added to the VMM's event loop with
-//!   `EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>::add_subscriber`. All queue work
-//!   (disk I/O, TAP I/O) happens there, on the event-loop thread, never on a vCPU thread.
+//!   `EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>::add_subscriber`. Queue work
+//!   (TAP I/O, vsock) happens there, on the event-loop thread, never on a vCPU thread. A block
+//!   device is instead built with [`VirtioMmioDevice::new_shared`] and served by a
+//!   [`block::worker::BlockWorker`], a thread of its own, so that disk I/O never holds up the
+//!   event loop; its subscriber is then left out of the event loop.
 //! - [`VirtioMmioDevice::irq_evt`]: register with KVM as an irqfd on the device's GSI. When the
 //!   device puts buffers in a used ring it sets bit 0 of InterruptStatus and then writes 1 to this
 //!   `EventFd`; a configuration change (or a failure that sets NEEDS_RESET) sets bit 1 first.
@@ -35,8 +38,10 @@
 //! A device is saved in two parts: the transport's registers and queue positions
 //! ([`MmioTransport::save`], an [`MmioState`]) and what the device itself was built from
 //! ([`MmioTransport::save_device`], a [`VirtioDeviceState`]). Save from the event-loop thread,
-//! between events, with the vCPUs paused: all queue work runs there synchronously, so no request
-//! is half done. [`MmioTransport::save_device`] flushes the device's backend first (the block
+//! between events, with the vCPUs paused and every block worker paused
+//! ([`block::worker::BlockWorker::pause`]): queue work runs under the device's lock, on the
+//! event loop or on a paused worker, so no request is half done and none starts until the
+//! snapshot is written. [`MmioTransport::save_device`] flushes the device's backend first (the block
 //! device `fdatasync`s its image), so the disk files match the memory image.
 //!
 //! To restore, load the guest memory first, then build a fresh device from its state (for
@@ -423,6 +428,15 @@ impl VirtioMmioDevice {
     where
         D: VirtioDevice + MutEventSubscriber + 'static,
     {
+        Self::new_shared(Arc::new(Mutex::new(device)), mem)
+    }
+
+    /// [`VirtioMmioDevice::new`] for a device the caller keeps a handle on: a block device
+    /// served by its own [`block::worker::BlockWorker`] rather than by the event loop.
+    pub fn new_shared<D>(device: Arc<Mutex<D>>, mem: GuestMemoryMmap<()>) -> Result<Self, Error>
+    where
+        D: VirtioDevice + MutEventSubscriber + 'static,
+    {
         Self::build(device, |device| MmioTransport::new(device, mem))
     }
 
@@ -438,28 +452,44 @@ impl VirtioMmioDevice {
     where
         D: VirtioDevice + MutEventSubscriber + 'static,
     {
+        Self::restore_shared(Arc::new(Mutex::new(device)), mem, state)
+    }
+
+    /// [`VirtioMmioDevice::restore`] for a device the caller keeps a handle on (see
+    /// [`VirtioMmioDevice::new_shared`]).
+    pub fn restore_shared<D>(
+        device: Arc<Mutex<D>>,
+        mem: GuestMemoryMmap<()>,
+        state: &MmioState,
+    ) -> Result<Self, Error>
+    where
+        D: VirtioDevice + MutEventSubscriber + 'static,
+    {
         Self::build(device, |device| MmioTransport::restore(device, mem, state))
     }
 
     fn build<D>(
-        device: D,
+        device: Arc<Mutex<D>>,
         transport: impl FnOnce(Arc<Mutex<dyn VirtioDevice>>) -> Result<MmioTransport, Error>,
     ) -> Result<Self, Error>
     where
         D: VirtioDevice + MutEventSubscriber + 'static,
     {
-        let queue_evts = device
-            .queue_events()
-            .iter()
-            .enumerate()
-            .map(|(i, evt)| Ok((evt.try_clone().map_err(Error::EventFd)?, i as u32)))
-            .collect::<Result<Vec<_>, Error>>()?;
-        let irq_evt = device
-            .interrupt()
-            .eventfd()
-            .try_clone()
-            .map_err(Error::EventFd)?;
-        let device = Arc::new(Mutex::new(device));
+        let (queue_evts, irq_evt) = {
+            let device = crate::sync::lock(&device);
+            let queue_evts = device
+                .queue_events()
+                .iter()
+                .enumerate()
+                .map(|(i, evt)| Ok((evt.try_clone().map_err(Error::EventFd)?, i as u32)))
+                .collect::<Result<Vec<_>, Error>>()?;
+            let irq_evt = device
+                .interrupt()
+                .eventfd()
+                .try_clone()
+                .map_err(Error::EventFd)?;
+            (queue_evts, irq_evt)
+        };
         let transport = transport(device.clone())?;
         Ok(Self {
             transport: Arc::new(Mutex::new(transport)),
