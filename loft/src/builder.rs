@@ -305,7 +305,7 @@ pub fn attach_virtio_devices(
             path: disk.path.clone(),
             source,
         })?;
-        devices.add_virtio(vm, event_loop, wrap(block, mem)?)?;
+        devices.add_disk(vm, mem, block)?;
     }
     for net in &config.nets {
         let nic = Net::new(&net.tap, net.mac).map_err(|source| Error::Net {

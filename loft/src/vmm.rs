@@ -12,6 +12,7 @@ use std::sync::mpsc;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::{Kvm, VmFd};
 use loft_devices::sync::lock;
+use loft_devices::virtio::block::worker::{self as blk_worker, BlockWorker, WorkerError};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
@@ -33,10 +34,18 @@ use crate::Error;
 /// How long the VMM keeps kicking vCPU threads before it gives up on joining them.
 const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long the VMM waits for the disks' worker threads at the end before it leaves those still
+/// inside a long `pwrite` or `fdatasync` to end on their own (see
+/// `loft_devices::virtio::block::worker`): the VM must stop within a second whatever the disk
+/// load.
+const DISK_WORKER_STOP_TIMEOUT: Duration = Duration::from_millis(300);
+
 /// A VM built and ready to run (see [`crate::builder`]).
 pub struct Vmm {
     // Field order is drop order: vCPUs before the VM, the VM before its memory.
     vcpus: Vec<Vcpu>,
+    /// One per disk, started by [`Vmm::run`].
+    disk_workers: Vec<BlockWorker>,
     event_loop: EventLoop,
     notifier: Arc<StopNotifier>,
     stop: Arc<AtomicBool>,
@@ -88,6 +97,7 @@ impl Vmm {
     pub fn new(p: VmmParts) -> Self {
         Self {
             vcpus: p.vcpus,
+            disk_workers: Vec::new(),
             event_loop: p.event_loop,
             notifier: p.notifier,
             stop: p.stop,
@@ -109,8 +119,8 @@ impl Vmm {
         &self.timeline
     }
 
-    /// Whether [`Vmm::run`] confines the vCPU threads and the thread it runs on with their
-    /// seccomp filters (off until set: call it only when that thread is one of loft's own).
+    /// Whether [`Vmm::run`] confines the vCPU threads, the disks' threads and the thread it runs
+    /// on with their seccomp filters (off until set: call it only when that thread is one of loft's own).
     pub fn set_seccomp(&mut self, on: bool) {
         self.seccomp = on;
     }
@@ -171,9 +181,18 @@ impl Vmm {
                 }
             }
         }
-        // Once the vCPU threads are started: this thread starts no other.
+        // Each disk's queue is served by a thread of its own, so that disk I/O never holds up
+        // this loop (stop, console, network, vsock).
+        if let Err(e) = self.start_disk_workers() {
+            self.notifier.notify(StopReason::Stopped);
+            self.stop_disk_workers();
+            stop_vcpus(&self.stop, handles);
+            return Err(e);
+        }
+        // Once the vCPU and disk threads are started: this thread starts no other.
         if let Err(e) = seccomp::confine_if(self.seccomp, ThreadKind::Vmm) {
             self.notifier.notify(StopReason::Stopped);
+            self.stop_disk_workers();
             stop_vcpus(&self.stop, handles);
             return Err(e.into());
         }
@@ -192,9 +211,62 @@ impl Vmm {
                 break Ok(self.notifier.reason());
             }
         };
+        // The workers first: they give up between two requests (or two 64 KiB steps of one)
+        // while the vCPUs are stopped.
+        for w in &self.disk_workers {
+            w.stop();
+        }
         stop_vcpus(&self.stop, handles);
+        self.stop_disk_workers();
         self.timeline.mark(|t| &mut t.exit);
         result
+    }
+
+    /// Starts a `loft-blkN` thread for each disk, each confined by its filter when seccomp is
+    /// on.
+    fn start_disk_workers(&mut self) -> Result<(), Error> {
+        for (i, disk) in self.devices.disks().iter().enumerate() {
+            let seccomp = self.seccomp;
+            let worker = BlockWorker::spawn(disk.clone(), format!("loft-blk{i}"), move || {
+                // Before the first request.
+                seccomp::confine_if(seccomp, ThreadKind::BlockWorker)
+            });
+            match worker {
+                Ok(w) => self.disk_workers.push(w),
+                Err(WorkerError::Spawn(source)) => {
+                    return Err(Error::Host {
+                        what: "start a disk's worker thread",
+                        source,
+                    })
+                }
+                Err(WorkerError::Start(e)) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops the disks' threads, waiting at most [`DISK_WORKER_STOP_TIMEOUT`] for them.
+    ///
+    /// A worker still inside one long system call then (a `pwrite` into a throttled page
+    /// cache, an `fdatasync` of gigabytes) is left behind, detached: it holds its own
+    /// references to everything it uses (the device with its image file and lock, the guest
+    /// memory mapping, its eventfds), so it finishes that call, sees the stop flag, answers
+    /// nothing more and ends, freeing them. For `loft run` the process exits meanwhile and the
+    /// kernel ends the thread once its call returns; in a program that embeds loft,
+    /// `VmHandle::kill` returns at once and the thread ends a little later on its own (until
+    /// then the image stays open and locked, and the guest memory mapped).
+    fn stop_disk_workers(&mut self) {
+        let left = blk_worker::stop_all(
+            std::mem::take(&mut self.disk_workers),
+            DISK_WORKER_STOP_TIMEOUT,
+        );
+        if !left.is_empty() {
+            log::warn!(
+                "{} still in a disk request after {DISK_WORKER_STOP_TIMEOUT:?}; not waiting for it \
+                 (it ends on its own when the request returns)",
+                left.join(", ")
+            );
+        }
     }
 }
 
@@ -203,6 +275,11 @@ impl Vmm {
         match request {
             Request::Snapshot { dir, stop, reply } => {
                 let result = self.snapshot(&dir);
+                if !stop || result.is_err() {
+                    for w in &self.disk_workers {
+                        w.resume();
+                    }
+                }
                 if stop && result.is_ok() {
                     // Nothing may run after the save: the vCPUs stay paused until they stop.
                     self.notifier.notify(StopReason::Stopped);
@@ -214,13 +291,23 @@ impl Vmm {
         }
     }
 
-    /// Saves the VM to `dir`, on the event-loop thread between events (so no device work is
-    /// under way), with the vCPUs paused. Leaves them paused.
+    /// Saves the VM to `dir`, on the event-loop thread between events (so no device work of
+    /// the event loop is under way), with the vCPUs and the disks' workers paused. Leaves them
+    /// paused.
+    ///
+    /// The vCPUs are paused first, so the guest makes no new request; then each disk's worker
+    /// finishes the request under way and takes no other (its queue's position, the used ring
+    /// in guest memory and the image stay as saved until the memory is written; see
+    /// `loft_devices::virtio::block::worker`). Requests the guest made but no worker took stay
+    /// in the rings, saved with the memory, and a restored worker takes them.
     fn snapshot(&mut self, dir: &Path) -> Result<SnapshotInfo, Error> {
         let started = Instant::now();
         self.control
             .pause_all(PAUSE_TIMEOUT)
             .map_err(SnapshotError::Vcpus)?;
+        for w in &self.disk_workers {
+            w.pause();
+        }
         let vcpus = self
             .control
             .save_all(PAUSE_TIMEOUT)

@@ -1,11 +1,13 @@
 //! Places devices in the guest: MMIO windows and IRQ lines from allocators, KVM ioeventfds and
 //! irqfds for virtio queues and interrupts, and the kernel command-line entries that tell the
-//! guest where each virtio-mmio device is.
+//! guest where each virtio-mmio device is. Network and vsock devices are served by the event
+//! loop; each disk by a worker thread of its own, which the VMM starts ([`DeviceManager::disks`]).
 
 use std::sync::{Arc, Mutex};
 
 use event_manager::SubscriberOps;
 use kvm_ioctls::{IoEventAddress, VmFd};
+use loft_devices::virtio::block::Block;
 use loft_devices::virtio::{
     MmioTransport, VirtioMmioDevice, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET,
 };
@@ -110,6 +112,8 @@ pub struct DeviceManager {
     pio: Bus,
     mmio: Bus,
     virtio: Vec<(DeviceSlot, Arc<Mutex<MmioTransport>>)>,
+    /// The disks, in order: each gets a worker thread when the VM runs.
+    disks: Vec<Arc<Mutex<Block>>>,
     addresses: AddressAllocator,
     irqs: IdAllocator,
     cmdline: Vec<String>,
@@ -122,6 +126,7 @@ impl DeviceManager {
             pio: Bus::new(),
             mmio: Bus::new(),
             virtio: Vec::new(),
+            disks: Vec::new(),
             // Both ranges are constants that fit: these cannot fail.
             addresses: AddressAllocator::new(layout::VIRTIO_MMIO_START, VIRTIO_MMIO_SIZE)
                 .expect("virtio MMIO range is valid"),
@@ -156,16 +161,32 @@ impl DeviceManager {
         device: VirtioMmioDevice,
     ) -> Result<DeviceSlot, DeviceManagerError> {
         let slot = self.allocate()?;
-        self.wire(vm, event_manager, device, slot)?;
+        self.wire(vm, device, slot, QueueWork::EventLoop(event_manager))?;
+        Ok(slot)
+    }
+
+    /// Wires a disk in the next free slot like [`DeviceManager::add_virtio`], except that its
+    /// queue is served by a worker thread of its own (started by the VMM), not by the event loop.
+    pub fn add_disk(
+        &mut self,
+        vm: &VmFd,
+        mem: &vm_memory::GuestMemoryMmap,
+        block: Block,
+    ) -> Result<DeviceSlot, DeviceManagerError> {
+        let slot = self.allocate()?;
+        let block = Arc::new(Mutex::new(block));
+        let device = VirtioMmioDevice::new_shared(block.clone(), mem.clone())
+            .map_err(DeviceManagerError::Virtio)?;
+        self.wire(vm, device, slot, QueueWork::Worker(block))?;
         Ok(slot)
     }
 
     fn wire(
         &mut self,
         vm: &VmFd,
-        event_manager: &mut EventLoop,
         device: VirtioMmioDevice,
         slot: DeviceSlot,
+        work: QueueWork,
     ) -> Result<(), DeviceManagerError> {
         let kvm = |what| move |source| DeviceManagerError::Kvm { what, source };
         for (evt, datamatch) in &device.queue_evts {
@@ -177,10 +198,21 @@ impl DeviceManager {
             .map_err(kvm("interrupt"))?;
         let transport: Arc<Mutex<dyn loft_devices::BusDevice>> = device.transport.clone();
         self.mmio.insert(transport, slot.addr, MMIO_WINDOW_SIZE)?;
-        event_manager.add_subscriber(device.subscriber);
+        match work {
+            QueueWork::EventLoop(event_loop) => {
+                event_loop.add_subscriber(device.subscriber);
+            }
+            // The worker waits on the queue's notification EventFd itself.
+            QueueWork::Worker(block) => self.disks.push(block),
+        }
         self.cmdline.push(slot.cmdline_entry());
         self.virtio.push((slot, device.transport));
         Ok(())
+    }
+
+    /// The disks, in the order they were added: the VMM starts a worker thread for each.
+    pub fn disks(&self) -> &[Arc<Mutex<Block>>] {
+        &self.disks
     }
 
     /// The kernel command-line entries for the devices added so far.
@@ -197,6 +229,14 @@ impl DeviceManager {
     pub fn buses(&self) -> (Bus, Bus) {
         (self.pio.clone(), self.mmio.clone())
     }
+}
+
+/// Who serves a device's queues.
+enum QueueWork<'a> {
+    /// The VMM's event loop (network, vsock).
+    EventLoop(&'a mut EventLoop),
+    /// A worker thread of the device's own (disks).
+    Worker(Arc<Mutex<Block>>),
 }
 
 impl Default for DeviceManager {

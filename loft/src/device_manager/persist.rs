@@ -4,6 +4,7 @@
 //! pending interrupts).
 
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::VmFd;
 use loft_devices::boot_timer::BootTimerState;
@@ -17,7 +18,7 @@ use loft_devices::virtio::{MmioState, VirtioDeviceState, VirtioMmioDevice};
 use serde::{Deserialize, Serialize};
 use vm_memory::GuestMemoryMmap;
 
-use super::{DeviceManager, DeviceManagerError, DeviceSlot, LegacyDevices};
+use super::{DeviceManager, DeviceManagerError, DeviceSlot, LegacyDevices, QueueWork};
 use crate::event_loop::EventLoop;
 use crate::Error;
 
@@ -59,8 +60,9 @@ pub struct DeviceOverrides {
 
 impl DeviceManager {
     /// Saves the legacy devices and every virtio device. Call it on the event-loop thread
-    /// between events with the vCPUs paused: no queue work is under way then. Writable disks
-    /// are flushed first, so the image files match the guest memory saved with them.
+    /// between events with the vCPUs and the disks' workers paused: no queue work is under way
+    /// then. Writable disks are flushed first, so the image files match the guest memory saved
+    /// with them.
     pub fn save(&self, legacy: &LegacyDevices) -> Result<DevicesState, DeviceManagerError> {
         let virtio = self
             .virtio
@@ -120,7 +122,16 @@ impl DeviceManager {
                         path: path.clone(),
                         source,
                     })?;
-                    restore(Box::new(block) as _)?
+                    // Served by a worker thread, not the event loop: wired here.
+                    let block = Arc::new(Mutex::new(block));
+                    let device = VirtioMmioDevice::restore_shared(
+                        block.clone(),
+                        mem.clone(),
+                        &saved.transport,
+                    )
+                    .map_err(|source| DeviceManagerError::Restore { index, source })?;
+                    self.wire(vm, device, slot, QueueWork::Worker(block))?;
+                    continue;
                 }
                 VirtioDeviceState::Net(s) => {
                     let tap = overrides.taps.get(nics).cloned().flatten();
@@ -144,7 +155,7 @@ impl DeviceManager {
                     restore(Box::new(dev) as _)?
                 }
             };
-            self.wire(vm, event_loop, device, slot)?;
+            self.wire(vm, device, slot, QueueWork::EventLoop(event_loop))?;
         }
         Ok(())
     }
