@@ -1,9 +1,10 @@
 //! seccomp filters, one per kind of thread loft starts.
 //!
 //! Each of loft's threads confines itself with a seccomp-bpf filter before it does its work: a
-//! vCPU thread before its first `KVM_RUN`, the VMM thread once it has started the vCPU threads
-//! (so it needs no `clone`), a loader thread before it reads the kernel or the initramfs, the
-//! console thread before it writes the guest's output. A
+//! vCPU thread before its first `KVM_RUN`, the VMM thread once it has started the vCPU and disk
+//! threads (so it needs no `clone`), a disk thread before it serves its queue, a loader thread
+//! before it reads the kernel or the initramfs, the console thread before it writes the guest's
+//! output. A
 //! filter allows the system calls that kind of thread makes and nothing else; `ioctl` only with
 //! the request numbers it uses, `socket` only for Unix sockets, `mmap` and `mprotect` never with
 //! `PROT_EXEC`. No loft thread may `execve`, `fork` or `clone`; only the VMM thread may open files
@@ -43,6 +44,7 @@
 //! each kind's own writes), `rt_sigreturn` (signal handlers: the vCPU kick, the `loft` command's
 //! SIGTERM handler), `rt_sigprocmask` and `sigaltstack` (thread exit), `exit` and `exit_group`.
 
+mod blk;
 mod console;
 mod ioctls;
 mod loader;
@@ -79,13 +81,16 @@ pub enum ThreadKind {
     Console,
     /// The `loft` command's signal watcher: stops the VM when SIGTERM, SIGINT or SIGHUP come.
     SignalWatcher,
+    /// `loft-blkN`: serves one disk's queue (disk image I/O, `fdatasync`).
+    BlockWorker,
 }
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 5] = [
+    pub const ALL: [ThreadKind; 6] = [
         ThreadKind::Vmm,
         ThreadKind::Vcpu,
+        ThreadKind::BlockWorker,
         ThreadKind::Loader,
         ThreadKind::Console,
         ThreadKind::SignalWatcher,
@@ -99,16 +104,19 @@ impl ThreadKind {
             ThreadKind::Loader => "loft-load",
             ThreadKind::Console => "loft-console",
             ThreadKind::SignalWatcher => "signal watcher",
+            ThreadKind::BlockWorker => "loft-blkN",
         }
     }
 
+    /// Its place in [`ThreadKind::ALL`] (and among the compiled filters).
     fn index(self) -> usize {
         match self {
             ThreadKind::Vmm => 0,
             ThreadKind::Vcpu => 1,
-            ThreadKind::Loader => 2,
-            ThreadKind::Console => 3,
-            ThreadKind::SignalWatcher => 4,
+            ThreadKind::BlockWorker => 2,
+            ThreadKind::Loader => 3,
+            ThreadKind::Console => 4,
+            ThreadKind::SignalWatcher => 5,
         }
     }
 
@@ -122,6 +130,7 @@ impl ThreadKind {
             ThreadKind::Loader => loader::syscalls(),
             ThreadKind::Console => console::syscalls(),
             ThreadKind::SignalWatcher => watcher::syscalls(),
+            ThreadKind::BlockWorker => blk::syscalls(),
         });
         all.sort_by_key(|s| s.name);
         all
@@ -377,6 +386,7 @@ static SYSCALL_NAMES: &[(i64, &str)] = &[
     (libc::SYS_newfstatat, "newfstatat"),
     (libc::SYS_unlinkat, "unlinkat"),
     (libc::SYS_renameat, "renameat"),
+    (libc::SYS_ppoll, "ppoll"),
     (libc::SYS_set_robust_list, "set_robust_list"),
     (libc::SYS_epoll_pwait, "epoll_pwait"),
     (libc::SYS_timerfd_create, "timerfd_create"),
@@ -432,7 +442,7 @@ pub enum SeccompError {
     },
 }
 
-/// The compiled filters, one per [`ThreadKind`] in [`ThreadKind::index`] order.
+/// The compiled filters, one per [`ThreadKind`] in [`ThreadKind::ALL`] order.
 type Programs = Vec<BpfProgram>;
 
 /// Compiled once per process, on the first [`prepare`].

@@ -20,11 +20,12 @@ fn kind_named(name: &str) -> ThreadKind {
         "loader" => ThreadKind::Loader,
         "console" => ThreadKind::Console,
         "watcher" => ThreadKind::SignalWatcher,
+        "blk" => ThreadKind::BlockWorker,
         other => panic!("no thread kind {other}"),
     }
 }
 
-const KINDS: [&str; 5] = ["vmm", "vcpu", "loader", "console", "watcher"];
+const KINDS: [&str; 6] = ["vmm", "vcpu", "blk", "loader", "console", "watcher"];
 
 /// TUNSETIFF, which no loft thread may use (TAP devices are opened before the VM runs).
 const TUNSETIFF: u64 = 0x4004_54ca;
@@ -114,8 +115,44 @@ fn make(call: &str) {
             unsafe { libc::munmap(p, 4096) };
             eprintln!("allocated, locked, mapped: {}", h.len());
         }
+        "disk_io" => {
+            // What a disk worker does with fds opened before it was confined: wait on an
+            // eventfd, read it, pwrite, pread and fdatasync an image.
+            let path = std::env::var("LOFT_SECCOMP_TEST_FILE").unwrap();
+            FILE.with(|f| {
+                use std::os::unix::fs::FileExt;
+                let f = f.borrow();
+                let (file, evt) = f.as_ref().expect("opened before confinement");
+                evt.write(1).unwrap();
+                let mut fds = [libc::pollfd {
+                    fd: std::os::fd::AsRawFd::as_raw_fd(evt),
+                    events: libc::POLLIN,
+                    revents: 0,
+                }];
+                // SAFETY: one valid pollfd, alive for the call.
+                assert_eq!(unsafe { libc::poll(fds.as_mut_ptr(), 1, 1000) }, 1);
+                assert_eq!(evt.read().unwrap(), 1);
+                file.write_all_at(b"worker", 512).unwrap();
+                let mut back = [0u8; 6];
+                file.read_exact_at(&mut back, 512).unwrap();
+                assert_eq!(&back, b"worker");
+                file.sync_data().unwrap();
+            });
+            eprintln!("disk I/O on {path}: done");
+        }
+        "timerfd" => {
+            // SAFETY: a plain system call on constants.
+            let fd = unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, 0) };
+            eprintln!("timerfd: {fd}");
+        }
         other => panic!("no call {other}"),
     }
+}
+
+thread_local! {
+    /// The image and eventfd a "disk_io" child opens before its thread is confined.
+    static FILE: std::cell::RefCell<Option<(std::fs::File, vmm_sys_util::eventfd::EventFd)>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 /// The child's side: a thread confined as the kind named in [`CHILD`] makes the call; it exits
@@ -131,6 +168,16 @@ fn child() {
     let survived = std::thread::Builder::new()
         .name("seccomp-test".into())
         .spawn(move || {
+            if call == "disk_io" {
+                let path = std::env::var("LOFT_SECCOMP_TEST_FILE").unwrap();
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(path)
+                    .unwrap();
+                let evt = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+                FILE.with(|f| *f.borrow_mut() = Some((file, evt)));
+            }
             confine_current_thread(kind).unwrap();
             make(&call);
         })
@@ -143,11 +190,19 @@ fn child() {
 }
 
 fn run_child(kind: &str, call: &str) -> Output {
-    Command::new(std::env::current_exe().unwrap())
+    let image = std::env::temp_dir().join(format!(
+        "loft-seccomp-test-{}-{kind}-{call}.img",
+        std::process::id()
+    ));
+    std::fs::write(&image, vec![0u8; 4096]).unwrap();
+    let out = Command::new(std::env::current_exe().unwrap())
         .args(["seccomp::tests::child", "--exact", "--nocapture"])
         .env(CHILD, format!("{kind}:{call}"))
+        .env("LOFT_SECCOMP_TEST_FILE", &image)
         .output()
-        .unwrap()
+        .unwrap();
+    let _ = std::fs::remove_file(&image);
+    out
 }
 
 fn assert_dies(kind: &str, call: &str, name: &str) {
@@ -198,7 +253,7 @@ fn only_the_vmm_thread_may_open_files_or_unix_sockets() {
     assert_survives("vmm", "openat");
     assert_survives("vmm", "socket_unix");
     assert_dies("vmm", "socket_inet", "(socket)");
-    for kind in ["vcpu", "loader", "console", "watcher"] {
+    for kind in ["vcpu", "blk", "loader", "console", "watcher"] {
         assert_dies(kind, "openat", "(openat)");
         assert_dies(kind, "socket_unix", "(socket)");
     }
@@ -218,6 +273,23 @@ fn ioctls_are_limited_to_each_threads_requests() {
     assert_dies("loader", "ioctl_kvm_run", "(ioctl)");
     assert_dies("console", "ioctl_kvm_run", "(ioctl)");
     assert_dies("watcher", "ioctl_kvm_run", "(ioctl)");
+    assert_dies("blk", "ioctl_kvm_run", "(ioctl)");
+}
+
+#[test]
+fn every_kind_has_its_own_place_among_the_filters() {
+    assert_eq!(KINDS.len(), ThreadKind::ALL.len());
+    for (i, kind) in ThreadKind::ALL.into_iter().enumerate() {
+        assert_eq!(kind.index(), i, "{kind:?}");
+        assert_eq!(kind_named(KINDS[i]), kind);
+    }
+}
+
+#[test]
+fn a_disk_worker_may_do_disk_io_and_wait_but_nothing_else() {
+    assert_survives("blk", "disk_io");
+    assert_dies("blk", "socket_unix", "(socket)");
+    assert_dies("blk", "timerfd", "(timerfd_create)");
 }
 
 #[test]

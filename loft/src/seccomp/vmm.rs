@@ -1,7 +1,7 @@
-//! `loft-vmm`: the event loop. Serves the virtio devices' queues and backends (disk files, TAP
+//! `loft-vmm`: the event loop. Serves the network and vsock devices' queues and backends (TAP
 //! devices, vsock's Unix sockets), the console's input, stop requests and snapshot requests
-//! (which write the snapshot's files); kicks and at the end stops the vCPU threads, which it
-//! started before confining itself.
+//! (which flush the disks and write the snapshot's files); kicks and at the end stops the vCPU
+//! threads and the disks' threads, which it started before confining itself.
 
 use super::ioctls::*;
 use super::{Only, Syscall};
@@ -53,21 +53,16 @@ pub(super) fn syscalls() -> Vec<Syscall> {
             "timerfd_settime",
             "vsock connection deadlines, the console input's retry",
         ),
-        // Disks.
-        any(
-            libc::SYS_pread64,
-            "pread64",
-            "virtio-blk reads from the disk image",
-        ),
+        // Disks (their requests run on their own `loft-blkN` threads).
         any(
             libc::SYS_pwrite64,
             "pwrite64",
-            "virtio-blk writes to the disk image; the snapshot's memory file",
+            "the snapshot's memory file",
         ),
         any(
             libc::SYS_fdatasync,
             "fdatasync",
-            "virtio-blk FLUSH, and the disks before a snapshot",
+            "the disks, flushed before a snapshot",
         ),
         // vsock.
         any(
