@@ -233,64 +233,82 @@ impl ConsoleDrain {
 /// Puts a buffer of `capacity` bytes and a `loft-console` thread between the UART and `sink`:
 /// returns the writer to give the UART and the drain's handle. With `seccomp`, the thread
 /// confines itself (and `sink` runs under its filter).
+#[cfg(test)]
 pub fn buffered(
-    mut sink: Box<dyn io::Write + Send>,
+    sink: Box<dyn io::Write + Send>,
     capacity: usize,
     seccomp: bool,
 ) -> io::Result<(loft_devices::serial::ConsoleOut, ConsoleDrain)> {
+    let (out, drain) = buffer(capacity);
+    drain.start(sink, seccomp)?;
+    Ok((out, drain))
+}
+
+/// A buffer of `capacity` bytes for the UART's output: the writer to give the UART, and the
+/// drain's handle, whose [`ConsoleDrain::start`] starts the thread that empties it (once the VM
+/// is built: until then output waits in the buffer).
+pub fn buffer(capacity: usize) -> (loft_devices::serial::ConsoleOut, ConsoleDrain) {
     let shared = Arc::new(Shared {
         capacity,
         pending: Mutex::new(Pending::default()),
         changed: std::sync::Condvar::new(),
         dropped: std::sync::atomic::AtomicU64::new(0),
     });
-    let drain = shared.clone();
-    std::thread::Builder::new()
-        .name("loft-console".into())
-        .spawn(move || {
-            if let Err(e) = seccomp::confine_if(seccomp, ThreadKind::Console) {
-                log::error!("{e}: the guest's console output is lost");
-                lock(&drain.pending).drained = true;
-                drain.changed.notify_all();
-                return;
-            }
-            let mut chunk = Vec::with_capacity(64 << 10);
-            loop {
-                let closed = {
-                    let mut p = lock(&drain.pending);
-                    while p.bytes.is_empty() && !p.closed {
-                        p = drain.changed.wait(p).unwrap_or_else(|e| e.into_inner());
-                    }
-                    let n = p.bytes.len().min(chunk.capacity());
-                    chunk.clear();
-                    chunk.extend(p.bytes.drain(..n));
-                    p.closed && p.bytes.is_empty()
-                };
-                let failed =
-                    !chunk.is_empty() && sink.write_all(&chunk).and_then(|_| sink.flush()).is_err();
-                lock(&drain.pending).written += 1;
-                drain.changed.notify_all();
-                if failed {
-                    // The writer is gone (a closed pipe): nothing more can be shown.
-                    let mut p = lock(&drain.pending);
-                    let lost = p.bytes.len() as u64;
-                    p.bytes.clear();
-                    drain.dropped.fetch_add(
-                        lost + chunk.len() as u64,
-                        std::sync::atomic::Ordering::Relaxed,
-                    );
-                }
-                if closed {
-                    break;
-                }
-            }
-            lock(&drain.pending).drained = true;
-            drain.changed.notify_all();
-        })?;
-    Ok((
+    (
         Box::new(BufferedConsole(shared.clone())),
         ConsoleDrain(shared),
-    ))
+    )
+}
+
+impl ConsoleDrain {
+    /// Starts the `loft-console` thread that drains the buffer into `sink`. With `seccomp`, the
+    /// thread confines itself (and `sink` runs under its filter).
+    pub fn start(&self, mut sink: Box<dyn io::Write + Send>, seccomp: bool) -> io::Result<()> {
+        let drain = self.0.clone();
+        std::thread::Builder::new()
+            .name("loft-console".into())
+            .spawn(move || {
+                if let Err(e) = seccomp::confine_if(seccomp, ThreadKind::Console) {
+                    log::error!("{e}: the guest's console output is lost");
+                    lock(&drain.pending).drained = true;
+                    drain.changed.notify_all();
+                    return;
+                }
+                let mut chunk = Vec::with_capacity(64 << 10);
+                loop {
+                    let closed = {
+                        let mut p = lock(&drain.pending);
+                        while p.bytes.is_empty() && !p.closed {
+                            p = drain.changed.wait(p).unwrap_or_else(|e| e.into_inner());
+                        }
+                        let n = p.bytes.len().min(chunk.capacity());
+                        chunk.clear();
+                        chunk.extend(p.bytes.drain(..n));
+                        p.closed && p.bytes.is_empty()
+                    };
+                    let failed = !chunk.is_empty()
+                        && sink.write_all(&chunk).and_then(|_| sink.flush()).is_err();
+                    lock(&drain.pending).written += 1;
+                    drain.changed.notify_all();
+                    if failed {
+                        // The writer is gone (a closed pipe): nothing more can be shown.
+                        let mut p = lock(&drain.pending);
+                        let lost = p.bytes.len() as u64;
+                        p.bytes.clear();
+                        drain.dropped.fetch_add(
+                            lost + chunk.len() as u64,
+                            std::sync::atomic::Ordering::Relaxed,
+                        );
+                    }
+                    if closed {
+                        break;
+                    }
+                }
+                lock(&drain.pending).drained = true;
+                drain.changed.notify_all();
+            })?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -31,6 +31,7 @@ mod console;
 mod device_manager;
 mod event_loop;
 mod host;
+mod jail;
 mod loader;
 mod sandbox;
 pub mod seccomp;
@@ -42,6 +43,7 @@ mod vstate;
 pub use boot_timer::{BootTimes, Mark};
 pub use config::{DiskConfig, MemSize, NetConfig, VmConfig, VsockConfig};
 pub use host::KvmFlavour;
+pub use jail::Jail;
 pub use loft_agent::client::{ExitStatus, Output};
 pub use loft_agent::{ExecRequest, DEFAULT_OUTPUT_LIMIT};
 pub use sandbox::{VmBuilder, VmHandle, AGENT_PORT, CONSOLE_CAPTURE_LIMIT, DEFAULT_AGENT_TIMEOUT};
@@ -55,6 +57,7 @@ pub mod error {
     pub use crate::arch::x86_64::msrs::MsrError;
     pub use crate::config::ConfigError;
     pub use crate::device_manager::DeviceManagerError;
+    pub use crate::jail::JailError;
     pub use crate::loader::LoaderError;
     pub use crate::seccomp::SeccompError;
     pub use crate::snapshot::{SnapshotError, SnapshotMemoryError, StateFileError};
@@ -154,6 +157,9 @@ pub enum Error {
     /// A seccomp filter could not be set up.
     #[error(transparent)]
     Seccomp(#[from] seccomp::SeccompError),
+    /// The process could not confine itself in its jail ([`VmBuilder::jail`]).
+    #[error(transparent)]
+    Jail(#[from] jail::JailError),
     /// The VMM thread panicked (a bug in loft).
     #[error("the VMM thread panicked")]
     VmmPanicked,

@@ -35,6 +35,7 @@ use crate::builder;
 use crate::config::{self, DiskConfig, MemSize, NetConfig, VmConfig, VsockConfig};
 use crate::console::ConsoleDrain;
 use crate::device_manager::DeviceOverrides;
+use crate::jail::{self, Jail};
 use crate::snapshot::{MachineConfig, Snapshot, SnapshotError, SnapshotInfo};
 use crate::stop::{StopNotifier, StopReason};
 use crate::vmm::Requests;
@@ -66,6 +67,7 @@ pub struct VmBuilder {
     agent_timeout: Duration,
     restore: Option<Snapshot>,
     seccomp: bool,
+    jail: Option<Jail>,
 }
 
 /// The vsock port the guest agent listens on.
@@ -80,8 +82,9 @@ pub const DEFAULT_AGENT_TIMEOUT: Duration = Duration::from_secs(300);
 /// A directory only this user may enter, for one VM's Unix sockets (the vsock device's host
 /// socket, and the `_PORT` listeners it makes for guest connections), removed with everything
 /// in it when dropped. Its name is unpredictable, and it is created, never reused: nobody else
-/// can have put a socket or a link there.
-struct PrivateDir(PathBuf);
+/// can have put a socket or a link there. In a jail, where the directory is a mount point, it is
+/// removed through its parent directory, opened before (the second field).
+struct PrivateDir(PathBuf, Option<std::os::fd::OwnedFd>);
 
 impl PrivateDir {
     fn new() -> io::Result<Self> {
@@ -98,7 +101,32 @@ impl PrivateDir {
         );
         let path = std::env::temp_dir().join(name);
         std::fs::DirBuilder::new().mode(0o700).create(&path)?;
-        Ok(Self(path))
+        // Resolved, so that it has the same path inside a jail.
+        match std::fs::canonicalize(&path) {
+            Ok(resolved) => Ok(Self(resolved, None)),
+            Err(e) => {
+                let _ = std::fs::remove_dir(&path);
+                Err(e)
+            }
+        }
+    }
+
+    /// Before a jail: the directory becomes the jailed user's (loft must still reach the
+    /// sockets in it), and its parent is opened, through which it is removed at the end.
+    fn prepare_jail(&mut self, jail: &Jail) -> Result<(), Error> {
+        use std::os::unix::fs::OpenOptionsExt;
+        jail::give(&self.0, jail)?;
+        let parent = self.0.parent().unwrap_or(Path::new("/"));
+        let dir = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+            .open(parent)
+            .map_err(|source| Error::Host {
+                what: "open the temporary directory for the jail",
+                source,
+            })?;
+        self.1 = Some(dir.into());
+        Ok(())
     }
 
     /// The vsock host socket's path in it.
@@ -110,6 +138,16 @@ impl PrivateDir {
 impl Drop for PrivateDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+        // In a jail, the directory is a mount point there (its contents went above): remove it
+        // from the host's side.
+        if let (Some(parent), Some(name)) = (&self.1, self.0.file_name()) {
+            use std::os::fd::AsRawFd;
+            use std::os::unix::ffi::OsStrExt;
+            if let Ok(name) = std::ffi::CString::new(name.as_bytes()) {
+                // SAFETY: an open directory fd and a NUL-terminated name alive for the call.
+                unsafe { libc::unlinkat(parent.as_raw_fd(), name.as_ptr(), libc::AT_REMOVEDIR) };
+            }
+        }
     }
 }
 
@@ -138,6 +176,7 @@ impl VmBuilder {
             agent_timeout: DEFAULT_AGENT_TIMEOUT,
             restore: None,
             seccomp: true,
+            jail: None,
         }
     }
 
@@ -290,6 +329,19 @@ impl VmBuilder {
         self
     }
 
+    /// Confines this process in `jail` once the VM is built and before any of its threads
+    /// start: new mount, IPC and UTS namespaces, an empty root of its own, no capabilities,
+    /// `no_new_privs`, and the jail's uid and gid, for the rest of the process's life
+    /// (`docs/jail.md`). Everything the VM needs is opened before (`/dev/kvm`, the guest's
+    /// images, disks, TAP devices, sockets), and the directory of the vsock socket is bound
+    /// into the jail at its own path. Needs root, and a process with one thread when
+    /// [`VmBuilder::start`] is called: the jail is for the `loft` command and programs that run
+    /// one VM and nothing else; [`VmBuilder::start`] refuses it otherwise.
+    pub fn jail(mut self, jail: Jail) -> Self {
+        self.jail = Some(jail);
+        self
+    }
+
     /// Counts [`VmHandle::boot_times`] from `origin` (for example the process's start) instead
     /// of from [`VmBuilder::start`].
     pub fn times_from(mut self, origin: Instant) -> Self {
@@ -352,29 +404,45 @@ impl VmBuilder {
     /// Builds the VM and starts it on threads of its own. Returns once the VM is built (all
     /// input checked, guest loaded); the guest then boots in the background.
     pub fn start(self) -> Result<VmHandle, Error> {
+        if let Some(jail) = &self.jail {
+            jail::check_can_enter(jail)?;
+        }
         if self.seccomp {
             crate::seccomp::prepare()?;
         }
         let captured = Arc::new(Mutex::new(Vec::new()));
         let timeline = Arc::new(Timeline::new(self.times_from.unwrap_or_else(Instant::now)));
-        let sockets = PrivateDir::new().map_err(|source| Error::Host {
+        let mut sockets = PrivateDir::new().map_err(|source| Error::Host {
             what: "create a private directory for the VM's sockets",
             source,
         })?;
-        let (mut vmm, agent, console) = match &self.restore {
+        // The console's buffer now, its thread once the VM is built (and jailed): the build
+        // runs on this thread alone.
+        let (out, console) = crate::console::buffer(self.console_buffer);
+        // In a jail, socket paths are resolved, so that they name the same files inside it.
+        let in_jail = |p: PathBuf| match self.jail {
+            Some(_) => jail::socket_path(&p).1,
+            None => p,
+        };
+        let (mut vmm, agent, uds) = match &self.restore {
             Some(snapshot) => {
-                let (overrides, agent) = self.restore_overrides(snapshot, &sockets)?;
-                let (out, drain) = self.console_out(&captured)?;
+                let (mut overrides, agent) = self.restore_overrides(snapshot, &sockets)?;
+                overrides.vsock_uds = overrides.vsock_uds.map(in_jail);
+                let agent = agent.map(in_jail);
                 let vmm = builder::build_microvm_from_snapshot(
                     snapshot,
                     &overrides,
                     out,
                     timeline.clone(),
                 )?;
-                (vmm, agent, drain)
+                (vmm, agent, overrides.vsock_uds)
             }
             None => {
-                let config = self.config(&sockets.vsock())?;
+                let mut config = self.config(&sockets.vsock())?;
+                if let Some(v) = &mut config.vsock {
+                    v.uds = in_jail(std::mem::take(&mut v.uds));
+                }
+                let uds = config.vsock.as_ref().map(|v| v.uds.clone());
                 let agent = self.agent.then(|| config.vsock.clone()).flatten();
                 let meta = MachineConfig {
                     cpus: config.cpus,
@@ -383,7 +451,6 @@ impl VmBuilder {
                     cmdline: config.cmdline.clone(),
                     agent_port: agent.is_some().then_some(AGENT_PORT),
                 };
-                let (out, drain) = self.console_out(&captured)?;
                 let vmm = builder::build_microvm_for_boot(
                     &config,
                     meta,
@@ -391,12 +458,29 @@ impl VmBuilder {
                     timeline.clone(),
                     self.seccomp,
                 )?;
-                (vmm, agent.map(|v| v.uds), drain)
+                (vmm, agent.map(|v| v.uds), uds)
             }
         };
         if self.stdin_console {
             vmm.attach_stdin()?;
         }
+        if let Some(jail) = &self.jail {
+            sockets.prepare_jail(jail)?;
+            let mut binds = Vec::new();
+            if let Some(uds) = &uds {
+                // loft made the socket: the jailed process must connect to it and remove it.
+                jail::give(uds, jail)?;
+                binds.extend(jail::socket_path(uds).0);
+            }
+            jail::enter(jail, &binds)?;
+        }
+        // Every thread of the VM starts now: the console's, the VMM's, the vCPUs'.
+        console
+            .start(self.console_sink(&captured), self.seccomp)
+            .map_err(|source| Error::Host {
+                what: "start the console thread",
+                source,
+            })?;
         // The VMM runs on a thread of its own, below.
         vmm.set_seccomp(self.seccomp);
         let stopper = vmm.stop_handle();
@@ -432,26 +516,17 @@ impl VmBuilder {
         })
     }
 
-    /// Where the console goes, taking the builder's writer, behind the bounded buffer that keeps
-    /// a slow writer from stopping the guest (see [`crate::console::buffered`]).
-    fn console_out(
-        &self,
-        captured: &Arc<Mutex<Vec<u8>>>,
-    ) -> Result<(Box<dyn Write + Send>, ConsoleDrain), Error> {
-        let sink: Box<dyn Write + Send> = match &self.console {
+    /// Where the console goes, taking the builder's writer (it gets there through the bounded
+    /// buffer that keeps a slow writer from stopping the guest: see [`crate::console::buffer`]).
+    fn console_sink(&self, captured: &Arc<Mutex<Vec<u8>>>) -> Box<dyn Write + Send> {
+        match &self.console {
             Console::Discard => Box::new(io::sink()),
             Console::Capture => Box::new(SharedBuffer(captured.clone())),
             Console::Writer(w) => {
                 let mut w = lock(w);
                 Box::new(std::mem::replace(&mut *w, Box::new(io::sink())))
             }
-        };
-        crate::console::buffered(sink, self.console_buffer, self.seccomp).map_err(|source| {
-            Error::Host {
-                what: "start the console thread",
-                source,
-            }
-        })
+        }
     }
 
     /// The host resources a restored VM gets, checked against the snapshot; and the agent's
@@ -577,10 +652,24 @@ impl VmBuilder {
 /// up on (a writer that keeps taking output gets all of it).
 const CONSOLE_FLUSH_TIMEOUT: Duration = Duration::from_millis(300);
 
-/// Fills `buf` from the kernel's random number generator.
-fn getrandom(buf: &mut [u8]) -> io::Result<()> {
-    use std::io::Read;
-    std::fs::File::open("/dev/urandom")?.read_exact(buf)
+/// Fills `buf` from the kernel's random number generator (the system call: no file to open,
+/// which works in a jail).
+pub(crate) fn getrandom(buf: &mut [u8]) -> io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        // SAFETY: the kernel writes at most `rest.len()` bytes into `rest`.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        } else {
+            filled += n as usize;
+        }
+    }
+    Ok(())
 }
 
 /// A per-VM id the guest agent is told after a restore, so that clones can tell themselves
