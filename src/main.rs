@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use loft::{
-    DiskConfig, ExecRequest, ExitStatus, MemSize, NetConfig, Snapshot, VmBuilder, VmHandle,
+    DiskConfig, ExecRequest, ExitStatus, Jail, MemSize, NetConfig, Snapshot, VmBuilder, VmHandle,
     VsockConfig,
 };
 use terminal::RawTerminal;
@@ -67,6 +67,21 @@ struct RunArgs {
     restore: Option<PathBuf>,
     #[command(flatten)]
     vm: VmArgs,
+    /// Once the VM is built, confine loft before the guest runs: new mount, IPC and UTS
+    /// namespaces, an empty root, no capabilities, no_new_privs, and the ids of --uid and --gid
+    /// (needs root; docs/jail.md)
+    #[arg(long)]
+    jail: bool,
+    /// The user id loft runs as in the jail (with --jail)
+    #[arg(long, value_name = "N")]
+    uid: Option<u32>,
+    /// The group id loft runs as in the jail (with --jail)
+    #[arg(long, value_name = "N")]
+    gid: Option<u32>,
+    /// The directory the jail's root is mounted on (with --jail; created when missing and left
+    /// in place) [default: a fresh directory in $TMPDIR, removed at once]
+    #[arg(long, value_name = "DIR")]
+    jail_dir: Option<PathBuf>,
     /// At exit, print one line to stderr with the wall and CPU milliseconds (since loft started)
     /// at which the VM was built, first entered, the guest reached init and user space, asked
     /// to stop, and loft was done
@@ -205,9 +220,42 @@ fn stop_on_signal<T>(vm: &VmHandle, seccomp: bool, body: impl FnOnce() -> T) -> 
     })
 }
 
-/// The VM `loft run` starts: `args.vm` booted, or restored from `--restore DIR`.
+/// The jail `--jail`, `--uid`, `--gid` and `--jail-dir` ask for, or what is wrong with them.
+fn jail_of(args: &RunArgs) -> Result<Option<Jail>, String> {
+    if !args.jail {
+        for (given, flag) in [
+            (args.uid.is_some(), "--uid"),
+            (args.gid.is_some(), "--gid"),
+            (args.jail_dir.is_some(), "--jail-dir"),
+        ] {
+            if given {
+                return Err(format!("{flag} is only for the jail: add --jail"));
+            }
+        }
+        return Ok(None);
+    }
+    let (Some(uid), Some(gid)) = (args.uid, args.gid) else {
+        return Err(
+            "--jail needs both --uid N and --gid N (the ids loft runs as in the jail, \
+                    e.g. 65534)"
+                .into(),
+        );
+    };
+    let jail = Jail::new(uid, gid);
+    Ok(Some(match &args.jail_dir {
+        Some(dir) => jail.in_dir(dir),
+        None => jail,
+    }))
+}
+
+/// The VM `loft run` starts: `args.vm` booted, or restored from `--restore DIR`, jailed with
+/// `--jail`.
 fn run_builder(args: &RunArgs, started: Instant) -> Result<VmBuilder, loft::Error> {
-    let builder = vm_builder(&args.vm, started);
+    let mut builder = vm_builder(&args.vm, started);
+    // Checked in main.
+    if let Ok(Some(jail)) = jail_of(args) {
+        builder = builder.jail(jail);
+    }
     Ok(match &args.restore {
         Some(dir) => builder.restore_from(Snapshot::open(dir)?),
         None => builder,
@@ -419,6 +467,12 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Command::Run(args) if jail_of(&args).is_err() => {
+            if let Err(e) = jail_of(&args) {
+                eprintln!("loft: error: {e}");
+            }
+            ExitCode::from(2)
         }
         Command::Run(args) if !args.command.is_empty() => match run_command(*args, started) {
             Ok(code) => ExitCode::from(code),

@@ -165,3 +165,42 @@ fn help_and_version_succeed() {
         assert!(o.stdout.contains(flag), "help lacks {flag}: {}", o.stdout);
     }
 }
+
+#[test]
+fn jail_ids_without_jail_and_jail_without_ids() {
+    for flag in ["--uid", "--gid"] {
+        let o = loft_run(&[flag, "65534"]);
+        assert_one_line_error(&o, &[flag, "--jail"]);
+    }
+    let o = loft_run(&["--jail-dir", "/tmp/nowhere"]);
+    assert_one_line_error(&o, &["--jail-dir", "--jail"]);
+    let o = loft_run(&["--jail", "--uid", "65534"]);
+    assert_one_line_error(&o, &["--jail", "--gid"]);
+    let o = loft_run(&["--jail"]);
+    assert_one_line_error(&o, &["--jail", "--uid", "--gid"]);
+    let o = loft_run(&["--jail", "--uid", "0", "--gid", "65534"]);
+    assert_one_line_error(&o, &["uid", "must not be 0"]);
+}
+
+#[test]
+fn jail_without_root() {
+    // Not root: an unprivileged user, or root without capabilities when setpriv cannot switch.
+    let mut cmd = std::process::Command::new("setpriv");
+    if nix_is_root() {
+        cmd.args(["--reuid", "65534", "--regid", "65534", "--clear-groups"]);
+    }
+    cmd.arg(env!("CARGO_BIN_EXE_loft"))
+        .env("LOFT_LOG", "info")
+        .args(["run", "--jail", "--uid", "65534", "--gid", "65534"]);
+    let o = run(cmd, QUICK);
+    if o.code == Some(127) || o.stderr.contains("setpriv:") {
+        eprintln!("skipped: setpriv cannot run loft here: {}", o.stderr);
+        return;
+    }
+    assert_one_line_error(&o, &["jail", "needs root"]);
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
