@@ -11,6 +11,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod agent_peers;
 mod bench_boot;
 mod boot;
 mod clones;
