@@ -18,6 +18,7 @@ mod clones;
 mod console;
 mod exec;
 mod exec_limits;
+mod jail;
 mod seccomp;
 mod snapshot;
 mod snapshot_hard;
