@@ -387,8 +387,9 @@ pub fn build_cmdline(
         parts.push("console=ttyS0");
     }
     // loft stops when the guest reboots: reboot=k makes Linux pulse the i8042 reset line, and
-    // panic=-1 turns a panic into that reboot instead of a hang.
-    parts.push("reboot=k panic=-1");
+    // panic=-1 turns a panic into that reboot instead of a hang. The i8042 has a keyboard (for
+    // Ctrl-Alt-Del) and no mouse port: Linux is told not to probe for one, nor the keyboard.
+    parts.push("reboot=k panic=-1 i8042.noaux i8042.nomux i8042.dumbkbd");
     parts.extend(host);
     parts.extend(devices.iter().map(String::as_str));
     if !user_kernel.is_empty() {
@@ -534,12 +535,12 @@ mod tests {
         .unwrap();
         assert_eq!(
             c.as_cstring().unwrap().to_str().unwrap(),
-            "console=ttyS0 reboot=k panic=-1 clearcpuid=xsave virtio_mmio.device=4K@0xd0000000:5 quiet foo=bar -- /bin/sh -c x"
+            "console=ttyS0 reboot=k panic=-1 i8042.noaux i8042.nomux i8042.dumbkbd clearcpuid=xsave virtio_mmio.device=4K@0xd0000000:5 quiet foo=bar -- /bin/sh -c x"
         );
         let c = build_cmdline("console=hvc0", None, &[]).unwrap();
         assert_eq!(
             c.as_cstring().unwrap().to_str().unwrap(),
-            "reboot=k panic=-1 console=hvc0"
+            "reboot=k panic=-1 i8042.noaux i8042.nomux i8042.dumbkbd console=hvc0"
         );
     }
 

@@ -38,7 +38,7 @@ use crate::device_manager::DeviceOverrides;
 use crate::jail::{self, Jail};
 use crate::snapshot::{MachineConfig, Snapshot, SnapshotError, SnapshotInfo};
 use crate::stop::{StopNotifier, StopReason};
-use crate::vmm::Requests;
+use crate::vmm::{Request, Requests};
 use crate::Error;
 use loft_agent::client::{self as agent_client, AgentError, ExitStatus, Output};
 pub use loft_agent::ExecRequest;
@@ -862,6 +862,26 @@ impl VmHandle {
             .snapshot(dir.as_ref(), true, || self.is_finished())?;
         self.wait()?;
         Ok(info)
+    }
+
+    /// Pauses the guest: every vCPU is parked (devices finish what they were doing) until
+    /// [`VmHandle::resume`]. Snapshots may be taken while paused; the VM stays paused after.
+    pub fn pause(&self) -> Result<(), Error> {
+        self.requests
+            .ask(|reply| Request::Pause { reply }, || self.is_finished())
+    }
+
+    /// Lets a paused guest run again (nothing happens when it is not paused).
+    pub fn resume(&self) -> Result<(), Error> {
+        self.requests
+            .ask(|reply| Request::Resume { reply }, || self.is_finished())
+    }
+
+    /// Presses and releases Ctrl-Alt-Del on the guest's i8042 keyboard. The project's guest
+    /// then reboots, which ends the VM.
+    pub fn ctrl_alt_del(&self) -> Result<(), Error> {
+        self.requests
+            .ask(|reply| Request::CtrlAltDel { reply }, || self.is_finished())
     }
 
     /// Waits for the VM to stop and says why. After the first call that returns the reason,

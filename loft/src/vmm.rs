@@ -59,6 +59,8 @@ pub struct Vmm {
     machine: MachineConfig,
     timeline: Arc<Timeline>,
     seccomp: bool,
+    /// Paused by [`Request::Pause`] (not by a snapshot): the vCPUs stay parked until resumed.
+    paused: bool,
 }
 
 /// What the builder hands over to make a [`Vmm`].
@@ -111,6 +113,7 @@ impl Vmm {
             machine: p.machine,
             timeline: p.timeline,
             seccomp: false,
+            paused: false,
         }
     }
 
@@ -283,10 +286,27 @@ impl Vmm {
                 if stop && result.is_ok() {
                     // Nothing may run after the save: the vCPUs stay paused until they stop.
                     self.notifier.notify(StopReason::Stopped);
-                } else {
+                } else if !self.paused {
                     self.control.resume_all();
                 }
                 let _ = reply.send(result);
+            }
+            Request::Pause { reply } => {
+                let result = self.control.pause_all(PAUSE_TIMEOUT);
+                self.paused = result.is_ok();
+                let _ = reply.send(result.map_err(|e| SnapshotError::Vcpus(e).into()));
+            }
+            Request::Resume { reply } => {
+                self.control.resume_all();
+                self.paused = false;
+                let _ = reply.send(Ok(()));
+            }
+            Request::CtrlAltDel { reply } => {
+                let result = lock(&self.legacy.i8042).ctrl_alt_del();
+                let _ = reply.send(result.map_err(|e| Error::Host {
+                    what: "press Ctrl-Alt-Del",
+                    source: std::io::Error::new(std::io::ErrorKind::WouldBlock, e),
+                }));
             }
         }
     }
@@ -364,6 +384,21 @@ pub enum Request {
         /// Where the result goes.
         reply: mpsc::Sender<Result<SnapshotInfo, Error>>,
     },
+    /// Park every vCPU until [`Request::Resume`]; snapshots may be taken meanwhile.
+    Pause {
+        /// Where the result goes.
+        reply: mpsc::Sender<Result<(), Error>>,
+    },
+    /// Let the vCPUs run again after [`Request::Pause`].
+    Resume {
+        /// Where the result goes.
+        reply: mpsc::Sender<Result<(), Error>>,
+    },
+    /// Press and release Ctrl-Alt-Del on the i8042 keyboard.
+    CtrlAltDel {
+        /// Where the result goes.
+        reply: mpsc::Sender<Result<(), Error>>,
+    },
 }
 
 /// Requests waiting for the VMM thread, and the event that wakes it.
@@ -398,12 +433,25 @@ impl Requests {
         stop: bool,
         finished: impl Fn() -> bool,
     ) -> Result<SnapshotInfo, Error> {
+        self.ask(
+            |reply| Request::Snapshot {
+                dir: dir.into(),
+                stop,
+                reply,
+            },
+            finished,
+        )
+    }
+
+    /// Queues the request `make` builds around its reply channel, wakes the VMM thread and
+    /// waits for the answer. `finished` tells whether the VM has stopped (then none comes).
+    pub fn ask<T>(
+        &self,
+        make: impl FnOnce(mpsc::Sender<Result<T, Error>>) -> Request,
+        finished: impl Fn() -> bool,
+    ) -> Result<T, Error> {
         let (reply, answer) = mpsc::channel();
-        lock(&self.queue).push(Request::Snapshot {
-            dir: dir.into(),
-            stop,
-            reply,
-        });
+        lock(&self.queue).push(make(reply));
         let _ = self.evt.write(1);
         loop {
             match answer.recv_timeout(Duration::from_millis(50)) {

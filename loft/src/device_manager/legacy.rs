@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::VmFd;
 use loft_devices::boot_timer::{BootTimer, BOOT_TIMER_PORT, BOOT_TIMER_PORT_LEN};
-use loft_devices::i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
+use loft_devices::i8042::{I8042, I8042_KBD_IRQ, I8042_PORT, I8042_PORT_LEN};
 use loft_devices::serial::{ConsoleOut, SerialConsole, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
 use loft_devices::Bus;
 use vmm_sys_util::eventfd::EventFd;
@@ -17,7 +17,7 @@ use crate::boot_timer::{self, Timeline};
 pub struct LegacyDevices {
     /// The guest's console.
     pub serial: Arc<Mutex<SerialConsole>>,
-    /// The keyboard controller; only its reset line is used.
+    /// The keyboard controller: its reset line ends the VM; Ctrl-Alt-Del can be pressed on it.
     pub i8042: Arc<Mutex<I8042>>,
     /// The port the project's guest kernel writes its boot milestones to.
     pub boot_timer: Arc<Mutex<BootTimer>>,
@@ -25,7 +25,7 @@ pub struct LegacyDevices {
 
 impl LegacyDevices {
     /// Creates the devices — as new, or as `saved` left them: the UART writes to `console` and
-    /// interrupts through an irqfd on COM1's line; the i8042's reset writes `reset_evt`; the
+    /// interrupts through an irqfd on COM1's line; the i8042's reset writes `reset_evt` and its keys interrupt on IRQ 1; the
     /// boot timer records into `timeline`.
     pub fn new(
         vm: &VmFd,
@@ -40,18 +40,24 @@ impl LegacyDevices {
                 what: "serial interrupt",
                 source,
             })?;
+        let kbd_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceManagerError::EventFd)?;
+        vm.register_irqfd(&kbd_irq, I8042_KBD_IRQ)
+            .map_err(|source| DeviceManagerError::Kvm {
+                what: "keyboard interrupt",
+                source,
+            })?;
         let milestones = timeline.guest.clone();
         let cpu = boot_timer::process_cpu;
         let (serial, i8042, boot_timer) = match saved {
             None => (
                 SerialConsole::new(serial_irq, console),
-                I8042::new(reset_evt),
+                I8042::new(reset_evt, kbd_irq),
                 BootTimer::new(milestones, cpu),
             ),
             Some(s) => (
                 SerialConsole::restore(serial_irq, console, &s.serial)
                     .map_err(DeviceManagerError::Serial)?,
-                I8042::restore(reset_evt, &s.i8042),
+                I8042::restore(reset_evt, kbd_irq, &s.i8042),
                 BootTimer::restore(milestones, cpu, &s.boot_timer),
             ),
         };
