@@ -18,6 +18,11 @@ pub(super) fn syscalls() -> Vec<Syscall> {
             "waits, as poll (C libraries that implement poll with it)",
         ),
         any(
+            libc::SYS_restart_syscall,
+            "restart_syscall",
+            "resumes the wait after the process was stopped and continued (SIGSTOP, a debugger)",
+        ),
+        any(
             libc::SYS_read,
             "read",
             "the queue's notification eventfd and the worker's control eventfd",

@@ -44,6 +44,7 @@
 //! each kind's own writes), `rt_sigreturn` (signal handlers: the vCPU kick, the `loft` command's
 //! SIGTERM handler), `rt_sigprocmask` and `sigaltstack` (thread exit), `exit` and `exit_group`.
 
+mod api;
 mod blk;
 mod console;
 mod ioctls;
@@ -83,17 +84,20 @@ pub enum ThreadKind {
     SignalWatcher,
     /// `loft-blkN`: serves one disk's queue (disk image I/O, `fdatasync`).
     BlockWorker,
+    /// `loft-api`: the control API's thread (reads requests on its socket, writes answers).
+    Api,
 }
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 6] = [
+    pub const ALL: [ThreadKind; 7] = [
         ThreadKind::Vmm,
         ThreadKind::Vcpu,
         ThreadKind::BlockWorker,
         ThreadKind::Loader,
         ThreadKind::Console,
         ThreadKind::SignalWatcher,
+        ThreadKind::Api,
     ];
 
     /// The thread's name, or what it is when it has none of its own.
@@ -105,6 +109,7 @@ impl ThreadKind {
             ThreadKind::Console => "loft-console",
             ThreadKind::SignalWatcher => "signal watcher",
             ThreadKind::BlockWorker => "loft-blkN",
+            ThreadKind::Api => "loft-api",
         }
     }
 
@@ -117,6 +122,7 @@ impl ThreadKind {
             ThreadKind::Loader => 3,
             ThreadKind::Console => 4,
             ThreadKind::SignalWatcher => 5,
+            ThreadKind::Api => 6,
         }
     }
 
@@ -131,6 +137,7 @@ impl ThreadKind {
             ThreadKind::Console => console::syscalls(),
             ThreadKind::SignalWatcher => watcher::syscalls(),
             ThreadKind::BlockWorker => blk::syscalls(),
+            ThreadKind::Api => api::syscalls(),
         });
         all.sort_by_key(|s| s.name);
         all
@@ -375,6 +382,7 @@ static SYSCALL_NAMES: &[(i64, &str)] = &[
     (libc::SYS_epoll_create, "epoll_create"),
     (libc::SYS_getdents, "getdents"),
     (libc::SYS_set_tid_address, "set_tid_address"),
+    (libc::SYS_restart_syscall, "restart_syscall"),
     (libc::SYS_clock_gettime, "clock_gettime"),
     (libc::SYS_clock_nanosleep, "clock_nanosleep"),
     (libc::SYS_exit_group, "exit_group"),
