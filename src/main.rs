@@ -1,5 +1,6 @@
 //! The `loft` command.
 
+mod api;
 mod terminal;
 
 use std::io::{IsTerminal, Write};
@@ -19,8 +20,12 @@ use terminal::RawTerminal;
 #[derive(Parser, Debug)]
 #[command(name = "loft", version, about, propagate_version = true)]
 struct Cli {
+    /// Serve the control API (Firecracker's, where it fits; docs/api.md) on this Unix socket
+    /// and wait for a VM to be configured and started through it
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -65,6 +70,9 @@ struct RunArgs {
     /// other VM options must match the snapshot.
     #[arg(long, value_name = "DIR")]
     restore: Option<PathBuf>,
+    /// Also serve the control API on this Unix socket while the guest runs (docs/api.md)
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
     #[command(flatten)]
     vm: VmArgs,
     /// Once the VM is built, confine loft before the guest runs: new mount, IPC and UTS
@@ -308,9 +316,15 @@ fn run(args: RunArgs, started: Instant) -> Result<loft::StopReason, loft::Error>
     let mut builder = run_builder(&args, started)?
         .console_writer(std::io::stdout())
         .stdin_console();
-    if args.restore.is_none() {
+    if args.restore.is_none() && args.api_sock.is_none() {
         builder = builder.without_agent();
     }
+    // Before the VM: a socket path in use is refused before anything boots.
+    let server = args
+        .api_sock
+        .as_ref()
+        .map(|p| api::bind(p, args.vm.seccomp))
+        .transpose()?;
     if args.restore.is_none() && std::io::stdin().is_terminal() {
         // A person is at the console: the bundled guest's init gives them a shell when there is
         // no command to run.
@@ -321,7 +335,13 @@ fn run(args: RunArgs, started: Instant) -> Result<loft::StopReason, loft::Error>
         what: "put the terminal in raw mode",
         source,
     })?;
-    let result = stop_on_signal(&vm, args.vm.seccomp, || vm.wait());
+    let (vm, result) = match &server {
+        Some(server) => api::serve_running(server, vm),
+        None => {
+            let result = stop_on_signal(&vm, args.vm.seccomp, || vm.wait());
+            (vm, result)
+        }
+    };
     if args.boot_timer {
         eprintln!("loft-boot-timer: {}", vm.boot_times());
     }
@@ -448,7 +468,19 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match cli.command {
+    let command = match (cli.command, &cli.api_sock) {
+        (Some(c), None) => c,
+        (None, Some(path)) => return api::serve_only(path, started, report),
+        (Some(_), Some(_)) => {
+            eprintln!("loft: error: --api-sock goes after `run` when a command is given (see 'loft --help')");
+            return ExitCode::from(2);
+        }
+        (None, None) => {
+            eprintln!("loft: error: a command (run, snapshot) or --api-sock PATH is required (see 'loft --help')");
+            return ExitCode::from(2);
+        }
+    };
+    match command {
         Command::Snapshot(SnapshotCommand::Create(args)) => match snapshot_create(*args, started) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -472,6 +504,12 @@ fn main() -> ExitCode {
             if let Err(e) = jail_of(&args) {
                 eprintln!("loft: error: {e}");
             }
+            ExitCode::from(2)
+        }
+        Command::Run(args) if args.api_sock.is_some() && !args.command.is_empty() => {
+            eprintln!(
+                "loft: error: --api-sock serves a running guest: it cannot be used with -- CMD"
+            );
             ExitCode::from(2)
         }
         Command::Run(args) if !args.command.is_empty() => match run_command(*args, started) {

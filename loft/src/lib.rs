@@ -23,6 +23,7 @@
 #![warn(missing_docs)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod api;
 mod arch;
 mod boot_timer;
 mod builder;
@@ -52,6 +53,7 @@ pub use stop::StopReason;
 
 /// The causes an [`Error`] carries, one type per part of loft.
 pub mod error {
+    pub use crate::api::ApiError;
     pub use crate::arch::x86_64::boot_params::BootParamsError;
     pub use crate::arch::x86_64::mptable::MptableError;
     pub use crate::arch::x86_64::msrs::MsrError;
@@ -160,6 +162,9 @@ pub enum Error {
     /// The process could not confine itself in its jail ([`VmBuilder::jail`]).
     #[error(transparent)]
     Jail(#[from] jail::JailError),
+    /// The control API's socket or thread could not be set up.
+    #[error(transparent)]
+    Api(#[from] api::ApiError),
     /// The VMM thread panicked (a bug in loft).
     #[error("the VMM thread panicked")]
     VmmPanicked,

@@ -21,11 +21,12 @@ fn kind_named(name: &str) -> ThreadKind {
         "console" => ThreadKind::Console,
         "watcher" => ThreadKind::SignalWatcher,
         "blk" => ThreadKind::BlockWorker,
+        "api" => ThreadKind::Api,
         other => panic!("no thread kind {other}"),
     }
 }
 
-const KINDS: [&str; 6] = ["vmm", "vcpu", "blk", "loader", "console", "watcher"];
+const KINDS: [&str; 7] = ["vmm", "vcpu", "blk", "loader", "console", "watcher", "api"];
 
 /// TUNSETIFF, which no loft thread may use (TAP devices are opened before the VM runs).
 const TUNSETIFF: u64 = 0x4004_54ca;
@@ -274,6 +275,13 @@ fn ioctls_are_limited_to_each_threads_requests() {
     assert_dies("console", "ioctl_kvm_run", "(ioctl)");
     assert_dies("watcher", "ioctl_kvm_run", "(ioctl)");
     assert_dies("blk", "ioctl_kvm_run", "(ioctl)");
+    assert_dies("api", "ioctl_kvm_run", "(ioctl)");
+}
+
+#[test]
+fn the_api_thread_may_not_open_files_or_make_sockets() {
+    assert_dies("api", "socket_unix", "(socket)");
+    assert_dies("api", "execve", "(execve)");
 }
 
 #[test]
