@@ -16,6 +16,7 @@ mod bench_boot;
 mod boot;
 mod clones;
 mod console;
+mod disk_load;
 mod exec;
 mod exec_limits;
 mod jail;

@@ -72,7 +72,9 @@ fn a_library_vms_threads_are_confined_the_callers_thread_is_not() {
     let all = tasks("self");
     let loft: Vec<&Task> = all.iter().filter(|t| t.comm.starts_with("loft-")).collect();
     assert!(
-        loft.iter().any(|t| t.comm == "loft-vmm") && loft.iter().any(|t| t.comm == "loft-vcpu0"),
+        ["loft-vmm", "loft-vcpu0", "loft-blk0"]
+            .iter()
+            .all(|name| loft.iter().any(|t| t.comm == *name)),
         "{all:#?}"
     );
     for t in loft {
@@ -145,7 +147,7 @@ fn the_loft_commands_threads_are_confined_unless_seccomp_is_off() {
     let (mut child, all) = cli_restore("on", &disk);
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");
-    for name in ["loft-vmm", "loft-vcpu0"] {
+    for name in ["loft-vmm", "loft-vcpu0", "loft-blk0"] {
         let t = all
             .iter()
             .find(|t| t.comm == name)
