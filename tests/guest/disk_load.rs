@@ -200,7 +200,8 @@ fn a_vm_with_a_busy_disk_stops_within_a_second() {
             .kernel(guest_file("vmlinux"))
             .initrd(guest_file("initramfs.cpio"))
             .disk(&image, false)
-            .agent_timeout(BOOT_TIMEOUT)
+            // The boot alone can take minutes on a busy 2-core host.
+            .agent_timeout(2 * BOOT_TIMEOUT)
             .capture_console()
             .start()
             .expect("boot");
