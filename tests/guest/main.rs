@@ -12,6 +12,7 @@
 mod common;
 
 mod agent_peers;
+mod api;
 mod bench_boot;
 mod boot;
 mod clones;
