@@ -30,7 +30,39 @@ pub fn serve_running(
     let mut slot = Some(vm);
     let result = server.serve(&mut slot, &mut VmBuilder::new, &interrupted);
     let vm = slot.expect("serve keeps the running VM in its slot");
-    (vm, result.map(|r| r.unwrap_or(StopReason::Stopped)))
+    let result = result.map(|r| r.unwrap_or(StopReason::Stopped));
+    if let Ok(reason) = &result {
+        tell_parent(reason);
+    }
+    (vm, result)
+}
+
+/// For the library's process mode (`loft::VmBuilder::isolated`, `loft::isolated`): writes why
+/// the VM stopped, in [`StopReason`]'s `Debug` form, to the pipe the parent passed down and
+/// named in `LOFT_STOP_FD`. Nothing when there is none (a descriptor that is not a pipe is
+/// left alone).
+fn tell_parent(reason: &StopReason) {
+    use std::io::Write;
+    use std::os::fd::FromRawFd;
+    let Some(fd) = std::env::var("LOFT_STOP_FD")
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+        .filter(|fd| *fd > 2)
+    else {
+        return;
+    };
+    // SAFETY: fstat writes into the zeroed stat it is given.
+    let is_pipe = unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        libc::fstat(fd, &mut st) == 0 && st.st_mode & libc::S_IFMT == libc::S_IFIFO
+    };
+    if !is_pipe {
+        return;
+    }
+    // SAFETY: an open pipe descriptor inherited for this purpose, used by nothing else in loft;
+    // the File closes it.
+    let mut pipe = unsafe { std::fs::File::from_raw_fd(fd) };
+    let _ = writeln!(pipe, "{reason:?}");
 }
 
 /// `loft --api-sock PATH`: no VM until the API starts (or loads) one; the guest's console on
