@@ -406,12 +406,27 @@ fn drop_privileges(jail: &Jail) -> Result<(), JailError> {
     // SAFETY: setgroups with an empty list reads no memory.
     check(unsafe { libc::setgroups(0, std::ptr::null()) }.into())
         .map_err(step("drop the supplementary groups"))?;
+    // Changing ids clears the parent-death signal: keep it (a child loft of the library's
+    // process mode must still die with its parent).
+    let mut death_signal: libc::c_int = 0;
+    // SAFETY: PR_GET_PDEATHSIG writes one int into `death_signal`.
+    unsafe {
+        libc::prctl(
+            libc::PR_GET_PDEATHSIG,
+            &mut death_signal as *mut libc::c_int,
+        )
+    };
     // SAFETY: integer arguments only (one thread: no other thread keeps the old ids).
     check(unsafe { libc::setresgid(jail.gid, jail.gid, jail.gid) }.into())
         .map_err(step("set the group id"))?;
     // SAFETY: as above.
     check(unsafe { libc::setresuid(jail.uid, jail.uid, jail.uid) }.into())
         .map_err(step("set the user id"))?;
+    if death_signal != 0 {
+        // SAFETY: prctl with integer arguments only.
+        check(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, death_signal as libc::c_ulong) }.into())
+            .map_err(step("keep the parent-death signal"))?;
+    }
     clear_capabilities().map_err(step("clear the capability sets"))?;
     // SAFETY: prctl with integer arguments only.
     let ambient = unsafe {

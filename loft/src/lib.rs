@@ -32,6 +32,7 @@ mod console;
 mod device_manager;
 mod event_loop;
 mod host;
+pub mod isolated;
 mod jail;
 mod loader;
 mod sandbox;
@@ -44,6 +45,7 @@ mod vstate;
 pub use boot_timer::{BootTimes, Mark};
 pub use config::{DiskConfig, MemSize, NetConfig, VmConfig, VsockConfig};
 pub use host::KvmFlavour;
+pub use isolated::IsolatedError;
 pub use jail::Jail;
 pub use loft_agent::client::{ExitStatus, Output};
 pub use loft_agent::{ExecRequest, DEFAULT_OUTPUT_LIMIT};
@@ -159,6 +161,10 @@ pub enum Error {
     /// A seccomp filter could not be set up.
     #[error(transparent)]
     Seccomp(#[from] seccomp::SeccompError),
+    /// The child `loft` process of an isolated VM ([`VmBuilder::isolated`]) could not be
+    /// found, started or driven.
+    #[error(transparent)]
+    Isolated(#[from] isolated::IsolatedError),
     /// The process could not confine itself in its jail ([`VmBuilder::jail`]).
     #[error(transparent)]
     Jail(#[from] jail::JailError),

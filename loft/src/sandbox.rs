@@ -68,6 +68,8 @@ pub struct VmBuilder {
     restore: Option<Snapshot>,
     seccomp: bool,
     jail: Option<Jail>,
+    /// Process mode: `Some(binary)` (`None` inside: find it).
+    isolated: Option<Option<PathBuf>>,
 }
 
 /// The vsock port the guest agent listens on.
@@ -177,6 +179,7 @@ impl VmBuilder {
             restore: None,
             seccomp: true,
             jail: None,
+            isolated: None,
         }
     }
 
@@ -342,6 +345,28 @@ impl VmBuilder {
         self
     }
 
+    /// Runs the VM in a child `loft` process of its own instead of in this one (process mode,
+    /// [`crate::isolated`]): `loft run --api-sock` with flags derived from this builder, jailed
+    /// with [`VmBuilder::jail`] (the child is jailed, not this process, which may then have any
+    /// number of threads), driven over the control API. The same [`VmHandle`] methods work;
+    /// [`VmHandle::process_id`] is the child's pid. The child dies with the handle (and with
+    /// this process: it has `PR_SET_PDEATHSIG`); a child that ends on its own is a stop
+    /// ([`StopReason::ProcessDied`] when it could not say why). The `loft` binary is found in
+    /// `LOFT_BIN`, else beside the current executable (or a build tree's `target/*` seen from
+    /// `target/*/deps`); see [`VmBuilder::isolated_with`]. Not with
+    /// [`VmBuilder::stdin_console`]; [`VmBuilder::times_from`] does not apply (the child counts
+    /// from its own start); in a jail, snapshot directories must be reachable from inside it.
+    pub fn isolated(mut self) -> Self {
+        self.isolated = Some(None);
+        self
+    }
+
+    /// [`VmBuilder::isolated`], running the `loft` binary at `loft_binary`.
+    pub fn isolated_with(mut self, loft_binary: impl Into<PathBuf>) -> Self {
+        self.isolated = Some(Some(loft_binary.into()));
+        self
+    }
+
     /// Counts [`VmHandle::boot_times`] from `origin` (for example the process's start) instead
     /// of from [`VmBuilder::start`].
     pub fn times_from(mut self, origin: Instant) -> Self {
@@ -404,6 +429,9 @@ impl VmBuilder {
     /// Builds the VM and starts it on threads of its own. Returns once the VM is built (all
     /// input checked, guest loaded); the guest then boots in the background.
     pub fn start(self) -> Result<VmHandle, Error> {
+        if let Some(binary) = self.isolated.clone() {
+            return self.start_isolated(binary.as_deref());
+        }
         if let Some(jail) = &self.jail {
             jail::check_can_enter(jail)?;
         }
@@ -501,13 +529,139 @@ impl VmBuilder {
                 })?
         };
         Ok(VmHandle {
-            stopper,
-            requests,
-            thread: Mutex::new(Some(thread)),
-            done,
+            run: Run::Local(Local {
+                stopper,
+                requests,
+                thread: Mutex::new(Some(thread)),
+                done,
+                console,
+                timeline,
+            }),
             captured,
-            console,
-            timeline,
+            agent,
+            agent_timeout: self.agent_timeout,
+            needs_sync: Mutex::new(self.restore.is_some()),
+            _sockets: sockets,
+            clone_id: next_clone_id(),
+        })
+    }
+
+    /// [`VmBuilder::start`] in process mode: the child's flags, then the child.
+    fn start_isolated(self, binary: Option<&Path>) -> Result<VmHandle, Error> {
+        use crate::isolated::{IsolatedError, IsolatedVm};
+        use std::ffi::OsString;
+        if self.stdin_console {
+            return Err(IsolatedError::Unsupported("the stdin console").into());
+        }
+        let binary = crate::isolated::find_binary(binary)?;
+        let sockets = PrivateDir::new().map_err(|source| Error::Host {
+            what: "create a private directory for the VM's sockets",
+            source,
+        })?;
+        let mut args: Vec<OsString> = Vec::new();
+        let arg = |args: &mut Vec<OsString>, name: &str, value: OsString| {
+            args.push(name.into());
+            args.push(value);
+        };
+        arg(
+            &mut args,
+            "--seccomp",
+            if self.seccomp { "on" } else { "off" }.into(),
+        );
+        if self.cpus_set {
+            arg(&mut args, "--cpus", self.config.cpus.to_string().into());
+        }
+        if self.memory_set {
+            arg(
+                &mut args,
+                "--memory",
+                format!("{}K", self.config.memory.bytes() >> 10).into(),
+            );
+        }
+        let vsock = |cid: u64, uds: &Path| {
+            let mut v = OsString::from(format!("cid={cid},uds="));
+            v.push(uds);
+            v
+        };
+        let mut disks = self.config.disks.clone();
+        let agent = match &self.restore {
+            Some(snapshot) => {
+                // The same checks as in-process, before a process is started.
+                let (overrides, agent) = self.restore_overrides(snapshot, &sockets)?;
+                arg(&mut args, "--restore", snapshot.dir().into());
+                if let (Some(uds), Some(cid)) = (&overrides.vsock_uds, saved_vsock_cid(snapshot)) {
+                    arg(&mut args, "--vsock", vsock(cid, uds));
+                }
+                agent
+            }
+            None => {
+                let (kernel, initrd) = match &self.kernel {
+                    Some(k) => (k.clone(), self.initrd.clone()),
+                    None => {
+                        let (k, bundled) = match &self.guest_dir {
+                            Some(dir) => config::bundled_guest_in(std::slice::from_ref(dir))?,
+                            None => config::bundled_guest_in(&config::guest_dirs())?,
+                        };
+                        let initrd = self.initrd.clone().or(if self.rootfs.is_some() {
+                            None
+                        } else {
+                            bundled
+                        });
+                        (k, initrd)
+                    }
+                };
+                arg(&mut args, "--kernel", kernel.into());
+                if let Some(i) = initrd {
+                    arg(&mut args, "--initrd", i.into());
+                }
+                if let Some(r) = &self.rootfs {
+                    arg(&mut args, "--root", r.into());
+                }
+                if !self.config.cmdline.is_empty() {
+                    arg(&mut args, "--cmdline", self.config.cmdline.clone().into());
+                }
+                let v = self.config.vsock.clone().unwrap_or(VsockConfig {
+                    cid: AGENT_CID,
+                    uds: sockets.vsock(),
+                });
+                arg(&mut args, "--vsock", vsock(v.cid, &v.uds));
+                self.agent.then_some(v.uds)
+            }
+        };
+        for d in disks.drain(..) {
+            let mut v = OsString::from(&d.path);
+            if d.read_only {
+                v.push(",readonly");
+            }
+            arg(&mut args, "--disk", v);
+        }
+        for n in &self.config.nets {
+            let mut v = format!("tap={}", n.tap);
+            if let Some(m) = n.mac {
+                v.push_str(&format!(
+                    ",mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                    m[0], m[1], m[2], m[3], m[4], m[5]
+                ));
+            }
+            arg(&mut args, "--net", v.into());
+        }
+        if let Some(jail) = &self.jail {
+            args.push("--jail".into());
+            arg(&mut args, "--uid", jail.uid.to_string().into());
+            arg(&mut args, "--gid", jail.gid.to_string().into());
+            if let Some(dir) = &jail.dir {
+                arg(&mut args, "--jail-dir", dir.into());
+            }
+            // The jailed child reaches its sockets here.
+            jail::give(&sockets.0, jail)?;
+        }
+        let captured = Arc::new(Mutex::new(Vec::new()));
+        let console = self.console_sink(&captured);
+        let api = sockets.0.join("api.sock");
+        let child = IsolatedVm::start(&binary, args, api, console)?;
+        Ok(VmHandle {
+            run: Run::Isolated(Box::new(child)),
+            captured,
             agent,
             agent_timeout: self.agent_timeout,
             needs_sync: Mutex::new(self.restore.is_some()),
@@ -684,21 +838,35 @@ fn next_clone_id() -> String {
     )
 }
 
-/// Set once the VMM thread is about to return.
+/// The guest context id saved in `snapshot`'s vsock device, if it has one.
+fn saved_vsock_cid(snapshot: &Snapshot) -> Option<u64> {
+    use loft_devices::virtio::VirtioDeviceState as D;
+    snapshot
+        .state()
+        .devices
+        .virtio
+        .iter()
+        .find_map(|d| match &d.device {
+            D::Vsock(v) => Some(v.guest_cid),
+            _ => None,
+        })
+}
+
+/// Set once the VMM thread (or an isolated VM's child) is done.
 #[derive(Default)]
-struct Done {
+pub(crate) struct Done {
     finished: Mutex<bool>,
     cond: Condvar,
 }
 
 impl Done {
-    fn finish(&self) {
+    pub(crate) fn finish(&self) {
         *lock(&self.finished) = true;
         self.cond.notify_all();
     }
 
     /// Waits until finished or `timeout` passes; returns whether finished.
-    fn wait(&self, timeout: Option<Duration>) -> bool {
+    pub(crate) fn wait(&self, timeout: Option<Duration>) -> bool {
         let mut finished = lock(&self.finished);
         let deadline = timeout.map(|t| Instant::now() + t);
         while !*finished {
@@ -725,19 +893,32 @@ impl Done {
 ///
 /// Dropping the handle stops the VM and releases its threads and file descriptors.
 pub struct VmHandle {
-    stopper: Arc<StopNotifier>,
-    requests: Arc<Requests>,
+    run: Run,
     needs_sync: Mutex<bool>,
     clone_id: String,
-    // Last: removed once the VM (whose sockets are in it) is gone; see Drop.
-    _sockets: PrivateDir,
-    thread: Mutex<Option<JoinHandle<Result<StopReason, Error>>>>,
-    done: Arc<Done>,
     captured: Arc<Mutex<Vec<u8>>>,
-    console: ConsoleDrain,
-    timeline: Arc<Timeline>,
     agent: Option<PathBuf>,
     agent_timeout: Duration,
+    // Last: removed once the VM (whose sockets are in it) is gone; see Drop.
+    _sockets: PrivateDir,
+}
+
+/// Where the VM runs.
+enum Run {
+    /// On threads of this process.
+    Local(Local),
+    /// In a child `loft` process ([`VmBuilder::isolated`]).
+    Isolated(Box<crate::isolated::IsolatedVm>),
+}
+
+/// A VM on threads of this process.
+struct Local {
+    stopper: Arc<StopNotifier>,
+    requests: Arc<Requests>,
+    thread: Mutex<Option<JoinHandle<Result<StopReason, Error>>>>,
+    done: Arc<Done>,
+    console: ConsoleDrain,
+    timeline: Arc<Timeline>,
 }
 
 impl VmHandle {
@@ -851,15 +1032,26 @@ impl VmHandle {
     /// replaced) and lets it run on. The vCPUs are paused meanwhile, device work is finished
     /// first and writable disks are flushed, so the disk files match the saved memory.
     pub fn snapshot(&self, dir: impl AsRef<Path>) -> Result<SnapshotInfo, Error> {
-        self.requests
-            .snapshot(dir.as_ref(), false, || self.is_finished())
+        match &self.run {
+            Run::Local(l) => l
+                .requests
+                .snapshot(dir.as_ref(), false, || self.is_finished()),
+            Run::Isolated(c) => isolated_snapshot(c, dir.as_ref(), false),
+        }
     }
 
     /// Like [`VmHandle::snapshot`], then stops the VM (it never runs again after the save).
     pub fn snapshot_and_stop(&self, dir: impl AsRef<Path>) -> Result<SnapshotInfo, Error> {
-        let info = self
-            .requests
-            .snapshot(dir.as_ref(), true, || self.is_finished())?;
+        let info = match &self.run {
+            Run::Local(l) => l
+                .requests
+                .snapshot(dir.as_ref(), true, || self.is_finished())?,
+            Run::Isolated(c) => {
+                let info = isolated_snapshot(c, dir.as_ref(), true)?;
+                c.stop();
+                info
+            }
+        };
         self.wait()?;
         Ok(info)
     }
@@ -867,53 +1059,105 @@ impl VmHandle {
     /// Pauses the guest: every vCPU is parked (devices finish what they were doing) until
     /// [`VmHandle::resume`]. Snapshots may be taken while paused; the VM stays paused after.
     pub fn pause(&self) -> Result<(), Error> {
-        self.requests
-            .ask(|reply| Request::Pause { reply }, || self.is_finished())
+        match &self.run {
+            Run::Local(l) => l
+                .requests
+                .ask(|reply| Request::Pause { reply }, || self.is_finished()),
+            Run::Isolated(c) => c.set_state("Paused"),
+        }
     }
 
     /// Lets a paused guest run again (nothing happens when it is not paused).
     pub fn resume(&self) -> Result<(), Error> {
-        self.requests
-            .ask(|reply| Request::Resume { reply }, || self.is_finished())
+        match &self.run {
+            Run::Local(l) => l
+                .requests
+                .ask(|reply| Request::Resume { reply }, || self.is_finished()),
+            Run::Isolated(c) => c.set_state("Resumed"),
+        }
     }
 
     /// Presses and releases Ctrl-Alt-Del on the guest's i8042 keyboard. The project's guest
     /// then reboots, which ends the VM.
     pub fn ctrl_alt_del(&self) -> Result<(), Error> {
-        self.requests
-            .ask(|reply| Request::CtrlAltDel { reply }, || self.is_finished())
+        match &self.run {
+            Run::Local(l) => l
+                .requests
+                .ask(|reply| Request::CtrlAltDel { reply }, || self.is_finished()),
+            Run::Isolated(c) => c
+                .call(
+                    "PUT",
+                    "/actions",
+                    Some(serde_json::json!({"action_type": "SendCtrlAltDel"})),
+                )
+                .map(drop),
+        }
+    }
+
+    /// The process id of the child `loft` process an isolated VM runs in
+    /// ([`VmBuilder::isolated`]); `None` for a VM in this process.
+    pub fn process_id(&self) -> Option<u32> {
+        match &self.run {
+            Run::Local(_) => None,
+            Run::Isolated(c) => Some(c.pid()),
+        }
     }
 
     /// Waits for the VM to stop and says why. After the first call that returns the reason,
     /// later calls return [`Error::AlreadyWaited`].
     pub fn wait(&self) -> Result<StopReason, Error> {
-        self.done.wait(None);
-        self.collect()
+        match &self.run {
+            Run::Local(l) => {
+                l.done.wait(None);
+                l.collect()
+            }
+            Run::Isolated(c) => c.collect(),
+        }
     }
 
     /// Waits at most `timeout`: `Ok(None)` when the VM is still running then.
     pub fn wait_timeout(&self, timeout: Duration) -> Result<Option<StopReason>, Error> {
-        if lock(&self.thread).is_some() && !self.done.wait(Some(timeout)) {
-            return Ok(None);
+        match &self.run {
+            Run::Local(l) => {
+                if lock(&l.thread).is_some() && !l.done.wait(Some(timeout)) {
+                    return Ok(None);
+                }
+                l.collect().map(Some)
+            }
+            Run::Isolated(c) => {
+                if !c.collected() && !c.done.wait(Some(timeout)) {
+                    return Ok(None);
+                }
+                c.collect().map(Some)
+            }
         }
-        self.collect().map(Some)
     }
 
     /// Whether the VM has stopped.
     pub fn is_finished(&self) -> bool {
-        self.done.wait(Some(Duration::ZERO))
+        let done = match &self.run {
+            Run::Local(l) => &l.done,
+            Run::Isolated(c) => &c.done,
+        };
+        done.wait(Some(Duration::ZERO))
     }
 
     /// Asks the VM to stop and returns at once. The vCPUs are stopped wherever they are (loft
     /// guests have no ACPI to shut down gracefully); [`VmHandle::wait`] then says
     /// [`StopReason::Stopped`] unless the guest had already stopped by itself.
     pub fn stop(&self) {
-        self.stopper.notify(StopReason::Stopped);
+        match &self.run {
+            Run::Local(l) => l.stopper.notify(StopReason::Stopped),
+            Run::Isolated(c) => c.stop(),
+        }
     }
 
-    /// Stops the VM and waits for its threads to end.
+    /// Stops the VM and waits for its threads (or its process) to end.
     pub fn kill(&self) -> Result<StopReason, Error> {
-        self.stop();
+        match &self.run {
+            Run::Local(_) => self.stop(),
+            Run::Isolated(c) => c.kill(),
+        }
         self.wait()
     }
 
@@ -924,9 +1168,23 @@ impl VmHandle {
 
     /// When the phases of this run happened, counted from [`VmBuilder::start`].
     pub fn boot_times(&self) -> BootTimes {
-        self.timeline.times()
+        match &self.run {
+            Run::Local(l) => l.timeline.times(),
+            Run::Isolated(c) => c.boot_times(),
+        }
     }
 
+    /// Guest console bytes dropped so far because the console's writer did not keep up (the
+    /// guest never waits for it: see [`VmBuilder::console_writer`]).
+    pub fn console_bytes_dropped(&self) -> u64 {
+        match &self.run {
+            Run::Local(l) => l.console.dropped(),
+            Run::Isolated(c) => c.console_bytes_dropped(),
+        }
+    }
+}
+
+impl Local {
     fn collect(&self) -> Result<StopReason, Error> {
         let thread = lock(&self.thread).take().ok_or(Error::AlreadyWaited)?;
         let result = match thread.join() {
@@ -937,22 +1195,50 @@ impl VmHandle {
         self.console.finish(CONSOLE_FLUSH_TIMEOUT);
         result
     }
+}
 
-    /// Guest console bytes dropped so far because the console's writer did not keep up (the
-    /// guest never waits for it: see [`VmBuilder::console_writer`]).
-    pub fn console_bytes_dropped(&self) -> u64 {
-        self.console.dropped()
+/// [`VmHandle::snapshot`] of an isolated VM: paused, saved and (unless `keep_paused`, or it
+/// was paused already) resumed over the API.
+fn isolated_snapshot(
+    c: &crate::isolated::IsolatedVm,
+    dir: &Path,
+    keep_paused: bool,
+) -> Result<SnapshotInfo, Error> {
+    let dir = std::path::absolute(dir).map_err(|source| Error::Host {
+        what: "resolve the snapshot directory",
+        source,
+    })?;
+    let was_paused = c.paused()?;
+    if !was_paused {
+        c.set_state("Paused")?;
     }
+    let saved = c.call(
+        "PUT",
+        "/snapshot/create",
+        Some(serde_json::json!({
+            "snapshot_path": dir,
+            "mem_file_path": dir.join("memory"),
+        })),
+    );
+    if !was_paused && !keep_paused {
+        c.set_state("Resumed")?;
+    }
+    saved?;
+    Ok(Snapshot::open(&dir)?.info())
 }
 
 impl Drop for VmHandle {
     fn drop(&mut self) {
-        if let Some(thread) = lock(&self.thread).take() {
-            self.stopper.notify(StopReason::Stopped);
-            let _ = thread.join();
-            // The console thread ends once the VM is gone; wait for it (boundedly: a writer
-            // that blocks keeps it), so that a dropped handle leaves no thread of loft behind.
-            self.console.finish(CONSOLE_FLUSH_TIMEOUT);
+        // An isolated VM's child is killed and reaped when `run` is dropped.
+        if let Run::Local(l) = &self.run {
+            if let Some(thread) = lock(&l.thread).take() {
+                l.stopper.notify(StopReason::Stopped);
+                let _ = thread.join();
+                // The console thread ends once the VM is gone; wait for it (boundedly: a writer
+                // that blocks keeps it), so that a dropped handle leaves no thread of loft
+                // behind.
+                l.console.finish(CONSOLE_FLUSH_TIMEOUT);
+            }
         }
     }
 }

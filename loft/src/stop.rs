@@ -38,6 +38,14 @@ pub enum StopReason {
         /// Hardware entry failure reason.
         reason: u64,
     },
+    /// The VM's own `loft` process ([`crate::VmBuilder::isolated`]) ended without saying why
+    /// its VM stopped: it was killed (for example SIGKILL from outside), or crashed. Not clean.
+    ProcessDied {
+        /// Its exit code, when it exited.
+        code: Option<i32>,
+        /// The signal that ended it, when one did.
+        signal: Option<i32>,
+    },
     /// A vCPU failed in a way loft does not handle.
     VcpuError {
         /// The vCPU.
@@ -67,6 +75,14 @@ impl fmt::Display for StopReason {
             StopReason::GuestShutdown => write!(f, "the guest shut down"),
             StopReason::Halted => write!(f, "the guest halted"),
             StopReason::Stopped => write!(f, "stopped by the host"),
+            StopReason::ProcessDied {
+                signal: Some(signal),
+                ..
+            } => write!(f, "the VM's loft process was killed by signal {signal}"),
+            StopReason::ProcessDied { code, .. } => match code {
+                Some(code) => write!(f, "the VM's loft process exited with code {code}"),
+                None => write!(f, "the VM's loft process ended"),
+            },
             StopReason::GuestCrash => write!(f, "the guest crashed"),
             StopReason::InternalError {
                 cpu,

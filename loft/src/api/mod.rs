@@ -11,6 +11,7 @@
 //! with the `loft-api` seccomp filter ([`crate::seccomp::ThreadKind::Api`]) before it accepts
 //! anything. No request is ever handled on a vCPU thread.
 
+pub(crate) mod client;
 mod firecracker;
 mod loft_endpoints;
 mod server;
