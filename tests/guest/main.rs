@@ -20,6 +20,7 @@ mod console;
 mod disk_load;
 mod exec;
 mod exec_limits;
+mod isolated;
 mod jail;
 mod seccomp;
 mod snapshot;
