@@ -202,7 +202,8 @@ fn install_terminate_handlers() {
 }
 
 /// Runs `body` while a watcher thread stops `vm` when a terminating signal arrives (a signal
-/// handler cannot take the locks stopping needs). With `seccomp`, the watcher confines itself.
+/// handler cannot take the locks stopping needs). With `seccomp`, the watcher confines itself,
+/// and so does the calling thread (the command's main thread) before `body`, for good.
 fn stop_on_signal<T>(vm: &VmHandle, seccomp: bool, body: impl FnOnce() -> T) -> T {
     install_terminate_handlers();
     let finished = AtomicBool::new(false);
@@ -222,6 +223,14 @@ fn stop_on_signal<T>(vm: &VmHandle, seccomp: bool, body: impl FnOnce() -> T) -> 
                 std::thread::sleep(Duration::from_millis(50));
             }
         });
+        // From here on this thread waits for the VM, talks to its agent and cleans up: it
+        // confines itself too (the threads it needed are started).
+        if seccomp {
+            use loft::seccomp::{confine_current_thread, ThreadKind};
+            if let Err(e) = confine_current_thread(ThreadKind::Command) {
+                log::warn!("{e}");
+            }
+        }
         let r = body();
         finished.store(true, Ordering::Release);
         r

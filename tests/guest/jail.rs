@@ -23,7 +23,7 @@ fn field<'a>(status: &'a str, key: &str) -> Vec<&'a str> {
 }
 
 /// Asserts every thread of `pid` is jailed: the ids, no capabilities, `no_new_privs`, and
-/// (loft's own threads, all but the main one) under a seccomp filter.
+/// under a seccomp filter.
 fn assert_jailed(pid: u32) {
     let mut tasks = 0;
     for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
@@ -41,10 +41,7 @@ fn assert_jailed(pid: u32) {
             assert!(v[0].bytes().all(|b| b == b'0'), "{cap}: {what}");
         }
         assert_eq!(field(&status, "NoNewPrivs"), ["1"], "{what}");
-        // The main thread's filter is the loft command's affair (docs/seccomp.md).
-        if t.file_name().unwrap().to_str().unwrap() != pid.to_string() {
-            assert_eq!(field(&status, "Seccomp"), ["2"], "{what}");
-        }
+        assert_eq!(field(&status, "Seccomp"), ["2"], "{what}");
         tasks += 1;
     }
     assert!(tasks >= 4, "only {tasks} threads in loft");

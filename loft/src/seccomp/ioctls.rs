@@ -73,6 +73,12 @@ ioctl!(KVM_KVMCLOCK_CTRL = io(0xad));
 // Generic file ioctls.
 ioctl!(FIONBIO = libc::FIONBIO);
 
+// Terminal ioctls (tcgetattr, tcsetattr).
+ioctl!(TCGETS = libc::TCGETS);
+ioctl!(TCSETS = libc::TCSETS);
+ioctl!(TCSETSW = libc::TCSETSW);
+ioctl!(TCSETSF = libc::TCSETSF);
+
 #[cfg(test)]
 mod tests {
     use super::*;

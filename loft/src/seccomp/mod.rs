@@ -46,6 +46,7 @@
 
 mod api;
 mod blk;
+mod command;
 mod console;
 mod ioctls;
 mod loader;
@@ -86,11 +87,14 @@ pub enum ThreadKind {
     BlockWorker,
     /// `loft-api`: the control API's thread (reads requests on its socket, writes answers).
     Api,
+    /// The `loft` command's main thread once its VM runs: waits for it, runs `-- CMD` through
+    /// the agent, restores the terminal.
+    Command,
 }
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 7] = [
+    pub const ALL: [ThreadKind; 8] = [
         ThreadKind::Vmm,
         ThreadKind::Vcpu,
         ThreadKind::BlockWorker,
@@ -98,6 +102,7 @@ impl ThreadKind {
         ThreadKind::Console,
         ThreadKind::SignalWatcher,
         ThreadKind::Api,
+        ThreadKind::Command,
     ];
 
     /// The thread's name, or what it is when it has none of its own.
@@ -110,6 +115,7 @@ impl ThreadKind {
             ThreadKind::SignalWatcher => "signal watcher",
             ThreadKind::BlockWorker => "loft-blkN",
             ThreadKind::Api => "loft-api",
+            ThreadKind::Command => "loft (main thread)",
         }
     }
 
@@ -123,6 +129,7 @@ impl ThreadKind {
             ThreadKind::Console => 4,
             ThreadKind::SignalWatcher => 5,
             ThreadKind::Api => 6,
+            ThreadKind::Command => 7,
         }
     }
 
@@ -138,6 +145,7 @@ impl ThreadKind {
             ThreadKind::SignalWatcher => watcher::syscalls(),
             ThreadKind::BlockWorker => blk::syscalls(),
             ThreadKind::Api => api::syscalls(),
+            ThreadKind::Command => command::syscalls(),
         });
         all.sort_by_key(|s| s.name);
         all

@@ -22,11 +22,14 @@ fn kind_named(name: &str) -> ThreadKind {
         "watcher" => ThreadKind::SignalWatcher,
         "blk" => ThreadKind::BlockWorker,
         "api" => ThreadKind::Api,
+        "command" => ThreadKind::Command,
         other => panic!("no thread kind {other}"),
     }
 }
 
-const KINDS: [&str; 7] = ["vmm", "vcpu", "blk", "loader", "console", "watcher", "api"];
+const KINDS: [&str; 8] = [
+    "vmm", "vcpu", "blk", "loader", "console", "watcher", "api", "command",
+];
 
 /// TUNSETIFF, which no loft thread may use (TAP devices are opened before the VM runs).
 const TUNSETIFF: u64 = 0x4004_54ca;
@@ -282,6 +285,14 @@ fn ioctls_are_limited_to_each_threads_requests() {
 fn the_api_thread_may_not_open_files_or_make_sockets() {
     assert_dies("api", "socket_unix", "(socket)");
     assert_dies("api", "execve", "(execve)");
+}
+
+#[test]
+fn the_command_thread_may_reach_its_agent_but_not_the_network_or_kvm() {
+    assert_survives("command", "socket_unix");
+    assert_dies("command", "socket_inet", "(socket)");
+    assert_dies("command", "ioctl_kvm_run", "(ioctl) with request 0xae80");
+    assert_dies("command", "ioctl_tunsetiff", "(ioctl)");
 }
 
 #[test]

@@ -1,0 +1,99 @@
+//! The `loft` command's main thread once its VM runs: it waits for the VM, runs `-- CMD` through
+//! the guest agent (the agent's frames come from the guest: this thread parses hostile input),
+//! streams the command's output to stdout and stderr, restores the user's terminal, and at the
+//! end removes the VM's private socket directory. It starts no thread and opens no file but
+//! that directory; its only sockets are Unix ones to the VM's own vsock socket.
+
+use super::{ioctls, Only, Syscall};
+
+pub(super) fn syscalls() -> Vec<Syscall> {
+    let any = |nr, name, why| Syscall::new(nr, name, Only::Any, why);
+    vec![
+        Syscall::new(
+            libc::SYS_socket,
+            "socket",
+            Only::ArgEquals {
+                arg: 0,
+                value: libc::AF_UNIX as u64,
+                what: "AF_UNIX",
+            },
+            "a connection to the guest agent through the VM's vsock socket",
+        ),
+        any(libc::SYS_connect, "connect", "to the VM's vsock socket"),
+        any(
+            libc::SYS_sendto,
+            "sendto",
+            "requests to the agent (the standard library writes sockets with send)",
+        ),
+        any(
+            libc::SYS_recvfrom,
+            "recvfrom",
+            "the agent's answers (the standard library reads sockets with recv)",
+        ),
+        any(libc::SYS_read, "read", "reads on the agent's stream"),
+        any(
+            libc::SYS_setsockopt,
+            "setsockopt",
+            "deadlines on the agent's stream (SO_RCVTIMEO, SO_SNDTIMEO)",
+        ),
+        any(libc::SYS_shutdown, "shutdown", "ends the command's stdin"),
+        any(libc::SYS_poll, "poll", "waits on the agent's stream"),
+        any(
+            libc::SYS_close,
+            "close",
+            "agent streams; the VM's eventfds when its handle is dropped",
+        ),
+        any(
+            libc::SYS_fcntl,
+            "fcntl",
+            "F_GETFD before a close (debug builds); F_GETFL and F_SETFD while removing the \
+             socket directory",
+        ),
+        any(
+            libc::SYS_clock_nanosleep,
+            "clock_nanosleep",
+            "waits between attempts to reach the agent, and between looks at the console",
+        ),
+        any(
+            libc::SYS_sched_yield,
+            "sched_yield",
+            "the standard library's channels and locks back off",
+        ),
+        Syscall::new(
+            libc::SYS_ioctl,
+            "ioctl",
+            Only::Ioctls(&[
+                ioctls::TCGETS,
+                ioctls::TCSETS,
+                ioctls::TCSETSW,
+                ioctls::TCSETSF,
+            ]),
+            "restores the user's terminal",
+        ),
+        any(
+            libc::SYS_openat,
+            "openat",
+            "the VM's private socket directory, to remove it (O_DIRECTORY)",
+        ),
+        any(
+            libc::SYS_getdents64,
+            "getdents64",
+            "lists the private socket directory while removing it",
+        ),
+        any(
+            libc::SYS_newfstatat,
+            "newfstatat",
+            "the private socket directory while removing it",
+        ),
+        any(
+            libc::SYS_statx,
+            "statx",
+            "the private socket directory while removing it",
+        ),
+        any(
+            libc::SYS_unlinkat,
+            "unlinkat",
+            "removes the private socket directory and the socket in it",
+        ),
+    ]
+}
