@@ -11,7 +11,7 @@
 //! 2. Restore → first guest byte: per size, `loft snapshot create --when-console` snapshots a
 //!    guest printing `tick N` in a loop; then N interleaved runs of `loft run --restore DIR`,
 //!    spawn → first byte / first `tick ` on stdout. Firecracker's snapshot load of the same
-//!    guest too, when `FIRECRACKER` names a binary (untested here).
+//!    guest too, when `FIRECRACKER` names a binary.
 //! 3. In-process: N interleaved runs of `Snapshot::open` → `restore_from(..).start()` →
 //!    `exec(["true"])` on the agent-ready snapshots of step 1.
 

@@ -1,7 +1,7 @@
 //! A minimal HTTP/1.1 client for Firecracker's API socket: one JSON request, one response.
 //!
-//! UNTESTED: no Firecracker binary on the machines this was written on. It follows Firecracker's
-//! documented API (a Unix socket, `PUT`/`PATCH` with JSON bodies, `204 No Content` on success).
+//! It follows Firecracker's documented API (a Unix socket, `PUT`/`PATCH` with JSON bodies, `204
+//! No Content` on success), and was tried against Firecracker v1.17.0-dev.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
