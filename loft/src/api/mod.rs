@@ -115,14 +115,21 @@ pub struct ApiServer {
     /// The socket's inode, so that only this socket is removed at the end.
     ino: (u64, u64),
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    thread: std::sync::Mutex<Option<JoinHandle<()>>>,
+    /// The listener and the sender of calls until [`ApiServer::serve`] starts the thread.
+    unstarted: std::sync::Mutex<Option<(UnixListener, mpsc::Sender<Call>)>>,
+    seccomp: bool,
     calls: mpsc::Receiver<Call>,
 }
 
 impl ApiServer {
-    /// Creates the socket at `path` (mode 0600) and starts the `loft-api` thread, confined by
-    /// its seccomp filter when `seccomp`. A stale socket nobody listens on is replaced; a path
-    /// where another process listens, or that is not a socket, is refused.
+    /// Creates the socket at `path` (mode 0600); [`ApiServer::serve`] starts the `loft-api`
+    /// thread, confined by its seccomp filter when `seccomp`. Clients that connect before wait
+    /// in the socket's backlog. (The thread is not started here: `loft run --jail --api-sock`
+    /// binds before the VM is built and jailed, and the jail takes a process with one thread;
+    /// nor can a request reach a main thread that is still building the VM, and may fail.) A
+    /// stale socket nobody listens on is replaced; a path where another process listens, or
+    /// that is not a socket, is refused.
     pub fn bind(path: impl Into<PathBuf>, seccomp: bool) -> Result<Self, ApiError> {
         let path = path.into();
         if let Ok(meta) = std::fs::symlink_metadata(&path) {
@@ -149,22 +156,31 @@ impl ApiServer {
         if seccomp {
             crate::seccomp::prepare().map_err(|e| ApiError::Thread(std::io::Error::other(e)))?;
         }
-        let stop = Arc::new(AtomicBool::new(false));
         let (tx, calls) = mpsc::channel();
-        let thread = {
-            let stop = stop.clone();
-            std::thread::Builder::new()
-                .name("loft-api".into())
-                .spawn(move || api_thread(listener, stop, tx, seccomp))
-                .map_err(ApiError::Thread)?
-        };
         Ok(Self {
             path,
             ino: (meta.dev(), meta.ino()),
-            stop,
-            thread: Some(thread),
+            stop: Arc::new(AtomicBool::new(false)),
+            thread: std::sync::Mutex::new(None),
+            unstarted: std::sync::Mutex::new(Some((listener, tx))),
+            seccomp,
             calls,
         })
+    }
+
+    /// Starts the `loft-api` thread, once.
+    fn start_thread(&self) -> Result<(), ApiError> {
+        use loft_devices::sync::lock;
+        let Some((listener, tx)) = lock(&self.unstarted).take() else {
+            return Ok(());
+        };
+        let (stop, seccomp) = (self.stop.clone(), self.seccomp);
+        let thread = std::thread::Builder::new()
+            .name("loft-api".into())
+            .spawn(move || api_thread(listener, stop, tx, seccomp))
+            .map_err(ApiError::Thread)?;
+        *lock(&self.thread) = Some(thread);
+        Ok(())
     }
 
     /// The socket's path.
@@ -183,6 +199,7 @@ impl ApiServer {
         new_vm: &mut dyn FnMut() -> VmBuilder,
         interrupted: &dyn Fn() -> bool,
     ) -> Result<Option<StopReason>, Error> {
+        self.start_thread()?;
         let mut ctl = Controller {
             config: Pending::default(),
             paused: false,
@@ -216,7 +233,12 @@ impl ApiServer {
 impl Drop for ApiServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
-        if let Some(t) = self.thread.take() {
+        let thread = self
+            .thread
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(t) = thread {
             let _ = t.join();
         }
         if let Ok(meta) = std::fs::symlink_metadata(&self.path) {
