@@ -228,3 +228,29 @@ fn send_ctrl_alt_del_over_the_api_reboots_the_guest_and_loft_exits_0() {
     assert_eq!(status.code(), Some(0), "{status:?}");
     assert!(!sock.exists(), "the API socket is removed at exit");
 }
+
+#[test]
+fn a_jailed_isolated_vm_runs_as_the_jails_user_and_dies_with_its_handle() {
+    common::require_kvm();
+    let snap = agent_snapshot();
+    let vm = VmBuilder::new()
+        .disk(disk_copy("iso-jail.img"), false)
+        .agent_timeout(READY)
+        .restore_from(Snapshot::open(&snap.dir).unwrap())
+        .jail(loft::Jail::new(65534, 65534))
+        .isolated_with(env!("CARGO_BIN_EXE_loft"))
+        .start()
+        .unwrap_or_else(|e| panic!("jailed isolated restore: {e}"));
+    let pid = vm.process_id().unwrap();
+    assert_eq!(sh(&vm, "echo jailed"), "jailed\n");
+    // The child took the jail's ids (this test process keeps its own: it may have threads).
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert_eq!(
+        uid.split_whitespace().skip(1).collect::<Vec<_>>(),
+        ["65534"; 4],
+        "{uid}"
+    );
+    drop(vm);
+    assert!(!Path::new(&format!("/proc/{pid}")).exists());
+}
