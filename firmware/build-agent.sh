@@ -21,28 +21,26 @@ die() { echo "[agent-build] ERROR: $*" >&2; exit 1; }
 command -v cargo >/dev/null || die "cargo not found"
 command -v file >/dev/null || die "'file' not found (apt-get install file)"
 
-# --target makes RUSTFLAGS apply to the agent only, not to build scripts / proc macros.
-# Small and quick to load in the guest: no debug info, stripped, one codegen unit, LTO.
+# cargo build, static, for the guest. --target makes RUSTFLAGS apply to the guest binaries only,
+# not to build scripts / proc macros. Small and quick to load in the guest: no debug info,
+# stripped, one codegen unit, LTO.
+static_build() {
+  RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }-C target-feature=+crt-static -C relocation-model=static" \
+  CARGO_PROFILE_RELEASE_DEBUG=false \
+  CARGO_PROFILE_RELEASE_STRIP=symbols \
+  CARGO_PROFILE_RELEASE_LTO=true \
+  CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1 \
+  CARGO_PROFILE_RELEASE_PANIC=abort \
+    cargo build --release --locked -p loft-agent --target "$TARGET" --manifest-path "$REPO/Cargo.toml" "$@" >&2
+}
+
 log "cargo build --release -p loft-agent --target $TARGET (static) in $CARGO_TARGET_DIR"
-RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }-C target-feature=+crt-static -C relocation-model=static" \
-CARGO_PROFILE_RELEASE_DEBUG=false \
-CARGO_PROFILE_RELEASE_STRIP=symbols \
-CARGO_PROFILE_RELEASE_LTO=true \
-CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1 \
-CARGO_PROFILE_RELEASE_PANIC=abort \
-  cargo build --release --locked -p loft-agent --target "$TARGET" --manifest-path "$REPO/Cargo.toml" >&2
+static_build
 
 # The tests' in-guest probe (agent/examples/vsock_probe.rs), static the same way; it is not put
 # in the guest image: the tests hand it to a guest on a data disk.
 log "cargo build --release -p loft-agent --example vsock_probe (static) for the tests"
-RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }-C target-feature=+crt-static -C relocation-model=static" \
-CARGO_PROFILE_RELEASE_DEBUG=false \
-CARGO_PROFILE_RELEASE_STRIP=symbols \
-CARGO_PROFILE_RELEASE_LTO=true \
-CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1 \
-CARGO_PROFILE_RELEASE_PANIC=abort \
-  cargo build --release --locked -p loft-agent --features client --example vsock_probe \
-    --target "$TARGET" --manifest-path "$REPO/Cargo.toml" >&2
+static_build --features client --example vsock_probe
 PROBE="$CARGO_TARGET_DIR/$TARGET/release/examples/vsock_probe"
 [ -x "$PROBE" ] || die "no binary at $PROBE"
 cp "$PROBE" "$CARGO_TARGET_DIR/vsock_probe.tmp" && mv -f "$CARGO_TARGET_DIR/vsock_probe.tmp" "$CARGO_TARGET_DIR/vsock_probe"
