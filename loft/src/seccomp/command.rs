@@ -9,16 +9,7 @@ use super::{ioctls, Only, Syscall};
 pub(super) fn syscalls() -> Vec<Syscall> {
     let any = |nr, name, why| Syscall::new(nr, name, Only::Any, why);
     vec![
-        Syscall::new(
-            libc::SYS_socket,
-            "socket",
-            Only::ArgEquals {
-                arg: 0,
-                value: libc::AF_UNIX as u64,
-                what: "AF_UNIX",
-            },
-            "a connection to the guest agent through the VM's vsock socket",
-        ),
+        Syscall::unix_socket("a connection to the guest agent through the VM's vsock socket"),
         any(libc::SYS_connect, "connect", "to the VM's vsock socket"),
         any(
             libc::SYS_sendto,

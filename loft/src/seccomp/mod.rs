@@ -174,6 +174,16 @@ impl Syscall {
             why,
         }
     }
+
+    /// `socket` for Unix sockets only.
+    fn unix_socket(why: &'static str) -> Self {
+        let only = Only::ArgEquals {
+            arg: 0,
+            value: libc::AF_UNIX as u64,
+            what: "AF_UNIX",
+        };
+        Self::new(libc::SYS_socket, "socket", only, why)
+    }
 }
 
 /// Which arguments a [`Syscall`] is allowed with.

@@ -70,16 +70,7 @@ pub(super) fn syscalls() -> Vec<Syscall> {
             "accept4",
             "host connections on the vsock device's socket",
         ),
-        Syscall::new(
-            libc::SYS_socket,
-            "socket",
-            Only::ArgEquals {
-                arg: 0,
-                value: libc::AF_UNIX as u64,
-                what: "AF_UNIX",
-            },
-            "guest connections to a host port: a Unix socket to `<uds>_<port>`",
-        ),
+        Syscall::unix_socket("guest connections to a host port: a Unix socket to `<uds>_<port>`"),
         any(
             libc::SYS_connect,
             "connect",
