@@ -254,3 +254,65 @@ fn a_jailed_isolated_vm_runs_as_the_jails_user_and_dies_with_its_handle() {
     drop(vm);
     assert!(!Path::new(&format!("/proc/{pid}")).exists());
 }
+
+#[test]
+fn an_isolated_vm_boots_the_bundled_guest_with_its_options_and_streams_exec_output() {
+    common::require_kvm();
+    let _slot = common::BootSlot::acquire();
+    let vm = VmBuilder::new()
+        .kernel(common::guest_file("vmlinux"))
+        .initrd(common::guest_file("initramfs.cpio"))
+        .cpus(2)
+        .memory_mib(160)
+        .cmdline("iso_boot_mark=1")
+        .agent_timeout(common::BOOT_TIMEOUT)
+        .capture_console()
+        .isolated_with(env!("CARGO_BIN_EXE_loft"))
+        .start()
+        .unwrap_or_else(|e| panic!("isolated boot: {e}"));
+    let mut streamed = Vec::new();
+    let status = vm
+        .exec_streaming(
+            &ExecRequest::new([
+                "/bin/sh",
+                "-c",
+                "nproc; grep -o iso_boot_mark=1 /proc/cmdline",
+            ]),
+            |b| streamed.extend_from_slice(b),
+            |_| {},
+        )
+        .unwrap_or_else(|e| {
+            panic!(
+                "exec: {e}\n{}",
+                String::from_utf8_lossy(&vm.console_output())
+            )
+        });
+    assert_eq!(status, ExitStatus::Code(0));
+    assert_eq!(String::from_utf8_lossy(&streamed), "2\niso_boot_mark=1\n");
+    let times = vm.boot_times();
+    assert!(
+        times.vm_built.is_some() && times.user_init.is_some(),
+        "{times}"
+    );
+    assert!(String::from_utf8_lossy(&vm.console_output()).contains("Linux version"));
+    assert_eq!(vm.kill().unwrap(), StopReason::Stopped);
+}
+
+#[test]
+fn a_child_that_cannot_build_its_vm_is_an_error_with_its_words() {
+    let e = VmBuilder::new()
+        .kernel("/nonexistent/vmlinux")
+        .isolated_with(env!("CARGO_BIN_EXE_loft"))
+        .start()
+        .err()
+        .expect("no VM from a missing kernel");
+    let text = e.to_string();
+    assert!(text.contains("ended before it was ready"), "{text}");
+    assert!(text.contains("/nonexistent/vmlinux"), "{text}");
+    let e = VmBuilder::new()
+        .isolated_with("/nonexistent/loft")
+        .start()
+        .err()
+        .expect("no VM without a loft binary");
+    assert!(e.to_string().contains("/nonexistent/loft"), "{e}");
+}
