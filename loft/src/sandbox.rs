@@ -589,7 +589,7 @@ impl VmBuilder {
                 // The same checks as in-process, before a process is started.
                 let (overrides, agent) = self.restore_overrides(snapshot, &sockets)?;
                 arg(&mut args, "--restore", snapshot.dir().into());
-                if let (Some(uds), Some(cid)) = (&overrides.vsock_uds, saved_vsock_cid(snapshot)) {
+                if let (Some(uds), Some(cid)) = (&overrides.vsock_uds, snapshot.vsock_cid()) {
                     arg(&mut args, "--vsock", vsock(cid, uds));
                 }
                 agent
@@ -836,20 +836,6 @@ fn next_clone_id() -> String {
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
     )
-}
-
-/// The guest context id saved in `snapshot`'s vsock device, if it has one.
-fn saved_vsock_cid(snapshot: &Snapshot) -> Option<u64> {
-    use loft_devices::virtio::VirtioDeviceState as D;
-    snapshot
-        .state()
-        .devices
-        .virtio
-        .iter()
-        .find_map(|d| match &d.device {
-            D::Vsock(v) => Some(v.guest_cid),
-            _ => None,
-        })
 }
 
 /// Set once the VMM thread (or an isolated VM's child) is done.

@@ -491,7 +491,7 @@ impl Controller {
                     // The CID must match the saved one: take it from the snapshot.
                     match Snapshot::open(&p.snapshot_path)
                         .ok()
-                        .and_then(|s| saved_vsock_cid(&s))
+                        .and_then(|s| s.vsock_cid())
                     {
                         Some(cid) => b = b.vsock(cid, &v.uds_path),
                         None => return bad("The snapshot has no vsock device to override."),
@@ -599,20 +599,6 @@ impl Controller {
         }
         Ok(b)
     }
-}
-
-/// The guest CID of the vsock device saved in `snapshot`, if it has one.
-fn saved_vsock_cid(snapshot: &Snapshot) -> Option<u64> {
-    use loft_devices::virtio::VirtioDeviceState as D;
-    snapshot
-        .state()
-        .devices
-        .virtio
-        .iter()
-        .find_map(|d| match &d.device {
-            D::Vsock(v) => Some(v.guest_cid),
-            _ => None,
-        })
 }
 
 #[cfg(test)]

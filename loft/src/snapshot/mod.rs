@@ -172,6 +172,19 @@ impl Snapshot {
         &self.dir
     }
 
+    /// The guest context id of the saved vsock device, if the VM has one.
+    pub(crate) fn vsock_cid(&self) -> Option<u64> {
+        use loft_devices::virtio::VirtioDeviceState as D;
+        self.state
+            .devices
+            .virtio
+            .iter()
+            .find_map(|d| match &d.device {
+                D::Vsock(v) => Some(v.guest_cid),
+                _ => None,
+            })
+    }
+
     /// What the snapshot holds.
     pub fn info(&self) -> SnapshotInfo {
         let s = &self.state;
