@@ -199,18 +199,6 @@ fn parse_args() -> Result<Args, String> {
     Ok(a)
 }
 
-/// An error and its causes on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cause = c.source();
-    }
-    s
-}
-
 /// No clone is started while the host's MemAvailable is below this.
 pub struct Floor {
     pub kib: u64,
@@ -264,9 +252,9 @@ fn boot_and_snapshot(
         .memory_mib(args.memory_mib)
         .agent_timeout(Duration::from_secs_f64(args.timeout))
         .start()
-        .map_err(|e| format!("boot: {}", error_chain(&e)))?;
+        .map_err(|e| format!("boot: {}", loft::error::chain(&e)))?;
     vm.wait_for_agent()
-        .map_err(|e| format!("boot: agent: {}", error_chain(&e)))?;
+        .map_err(|e| format!("boot: agent: {}", loft::error::chain(&e)))?;
     setup.boot_to_agent_ms = Some(ms(t0.elapsed()));
     eprintln!(
         "clones bench: booted to the agent in {:.1} s; watching it idle for {} s",
@@ -276,7 +264,7 @@ fn boot_and_snapshot(
     setup.booted_idle = Some(in_process::idle_self(1, Duration::from_secs_f64(args.idle)));
     let t = Instant::now();
     vm.snapshot_and_stop(dir)
-        .map_err(|e| format!("snapshot_and_stop: {}", error_chain(&e)))?;
+        .map_err(|e| format!("snapshot_and_stop: {}", loft::error::chain(&e)))?;
     setup.snapshot_and_stop_ms = Some(ms(t.elapsed()));
     setup.booted = true;
     Ok(())
@@ -348,9 +336,9 @@ fn bench(args: Args) -> Result<(), String> {
             Some(s)
         }
         Err(e) => {
-            setup
-                .error
-                .get_or_insert_with(|| format!("open {}: {}", dir.display(), error_chain(&e)));
+            setup.error.get_or_insert_with(|| {
+                format!("open {}: {}", dir.display(), loft::error::chain(&e))
+            });
             None
         }
     };

@@ -146,18 +146,6 @@ fn parse_args() -> Result<Args, String> {
     Ok(a)
 }
 
-/// An error and its causes on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cause = c.source();
-    }
-    s
-}
-
 pub fn on_disk(path: &Path) -> Option<u64> {
     std::fs::metadata(path).ok().map(|m| m.blocks() * 512)
 }

@@ -445,14 +445,7 @@ impl ConsoleWatch {
 /// Prints an error and its chain of causes on one line: `loft: error: what: why: …`. Each
 /// error's message leaves its cause out, so nothing is said twice.
 fn report(e: &dyn std::error::Error) {
-    let mut line = format!("loft: error: {e}");
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        line.push_str(": ");
-        line.push_str(&c.to_string());
-        cause = c.source();
-    }
-    eprintln!("{line}");
+    eprintln!("loft: error: {}", loft::error::chain(e));
 }
 
 fn main() -> ExitCode {

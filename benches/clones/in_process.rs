@@ -16,10 +16,6 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-fn chain(e: &loft::Error) -> String {
-    crate::error_chain(e)
-}
-
 /// One clone's life in a loop: restore, sync, first exec, kill.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct CloneRun {
@@ -50,7 +46,7 @@ fn start(snapshot: &Snapshot, timeout: Duration) -> Result<VmHandle, loft::Error
 fn exec_true(vm: &VmHandle, timeout: Duration) -> Result<(), String> {
     let out = vm
         .exec(&ExecRequest::new(["true"]).timeout(timeout))
-        .map_err(|e| format!("exec: {}", chain(&e)))?;
+        .map_err(|e| format!("exec: {}", loft::error::chain(&e)))?;
     match out.status {
         ExitStatus::Code(0) => Ok(()),
         s => Err(format!("`true` ended with {s:?}")),
@@ -64,11 +60,12 @@ fn restore_and_exec(
     r: &mut CloneRun,
 ) -> Result<VmHandle, String> {
     let t0 = Instant::now();
-    let vm = start(snapshot, timeout).map_err(|e| format!("restore: {}", chain(&e)))?;
+    let vm =
+        start(snapshot, timeout).map_err(|e| format!("restore: {}", loft::error::chain(&e)))?;
     let t1 = Instant::now();
     r.restore_ms = Some(ms(t1 - t0));
     vm.wait_for_agent()
-        .map_err(|e| format!("sync: {}", chain(&e)))?;
+        .map_err(|e| format!("sync: {}", loft::error::chain(&e)))?;
     let t2 = Instant::now();
     r.sync_ms = Some(ms(t2 - t1));
     exec_true(&vm, timeout)?;
@@ -84,7 +81,9 @@ fn kill(vm: VmHandle) -> (f64, Option<String>) {
     drop(vm);
     (
         ms(t.elapsed()),
-        killed.err().map(|e| format!("kill: {}", chain(&e))),
+        killed
+            .err()
+            .map(|e| format!("kill: {}", loft::error::chain(&e))),
     )
 }
 
@@ -218,7 +217,7 @@ pub fn restore_alone(
                     let snapshot = match Snapshot::open(dir) {
                         Ok(s) => s,
                         Err(e) => {
-                            out.lock().unwrap().errors.push(chain(&e));
+                            out.lock().unwrap().errors.push(loft::error::chain(&e));
                             continue;
                         }
                     };
@@ -243,7 +242,7 @@ pub fn restore_alone(
                                 None => o.ok += 1,
                             }
                         }
-                        Err(e) => out.lock().unwrap().errors.push(chain(&e)),
+                        Err(e) => out.lock().unwrap().errors.push(loft::error::chain(&e)),
                     }
                 }
             });
@@ -297,12 +296,13 @@ pub fn anatomy(dir: &std::path::Path, timeout: Duration, idle: Duration, round: 
         *last = now;
     }
     let result = (|| -> Result<(), String> {
-        let snapshot = Snapshot::open(dir).map_err(|e| chain(&e))?;
+        let snapshot = Snapshot::open(dir).map_err(|e| loft::error::chain(&e))?;
         mark(&mut a, &mut last, "Snapshot::open");
-        let vm = start(&snapshot, timeout).map_err(|e| format!("restore: {}", chain(&e)))?;
+        let vm = start(&snapshot, timeout)
+            .map_err(|e| format!("restore: {}", loft::error::chain(&e)))?;
         mark(&mut a, &mut last, "start() (restore)");
         vm.wait_for_agent()
-            .map_err(|e| format!("sync: {}", chain(&e)))?;
+            .map_err(|e| format!("sync: {}", loft::error::chain(&e)))?;
         mark(&mut a, &mut last, "wait_for_agent (sync)");
         exec_true(&vm, timeout)?;
         mark(&mut a, &mut last, "first exec(true)");
@@ -375,7 +375,7 @@ pub fn density(
                         let _one = starting.lock().unwrap();
                         let before = mem::tids("self");
                         let vm = start(snapshot, timeout)
-                            .map_err(|e| format!("restore: {}", chain(&e)))?;
+                            .map_err(|e| format!("restore: {}", loft::error::chain(&e)))?;
                         // the VMM thread spawns the vCPU threads: wait for them (a second
                         // at most)
                         let vcpus = snapshot.info().cpus as usize;
@@ -397,7 +397,7 @@ pub fn density(
                     let t1 = Instant::now();
                     r.restore_ms = Some(ms(t1 - t0));
                     vm.wait_for_agent()
-                        .map_err(|e| format!("sync: {}", chain(&e)))?;
+                        .map_err(|e| format!("sync: {}", loft::error::chain(&e)))?;
                     let t2 = Instant::now();
                     r.sync_ms = Some(ms(t2 - t1));
                     exec_true(&vm, timeout)?;

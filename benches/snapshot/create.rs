@@ -69,7 +69,7 @@ pub fn create(
             c.state_file_bytes = std::fs::metadata(dir.join("state")).ok().map(|m| m.len());
             c.ok = true;
         }
-        Err(e) => c.error = Some(crate::error_chain(&e)),
+        Err(e) => c.error = Some(loft::error::chain(&e)),
     }
     c
 }

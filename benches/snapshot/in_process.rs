@@ -22,13 +22,13 @@ pub fn run(label: &str, dir: &Path, round: usize, timeout: Duration) -> InProces
     };
     let result = (|| -> Result<(), String> {
         let t0 = Instant::now();
-        let snapshot = Snapshot::open(dir).map_err(|e| crate::error_chain(&e))?;
+        let snapshot = Snapshot::open(dir).map_err(|e| loft::error::chain(&e))?;
         let t1 = Instant::now();
         let vm = VmBuilder::new()
             .agent_timeout(timeout)
             .restore_from(snapshot)
             .start()
-            .map_err(|e| crate::error_chain(&e))?;
+            .map_err(|e| loft::error::chain(&e))?;
         let t2 = Instant::now();
         let synced = vm.wait_for_agent();
         let t2b = Instant::now();
@@ -45,13 +45,13 @@ pub fn run(label: &str, dir: &Path, round: usize, timeout: Duration) -> InProces
         r.first_entry_ms = times.first_entry.map(|m| ms(m.wall));
         let killed = vm.kill();
         r.kill_ms = Some(ms(t4.elapsed()));
-        let out = out.map_err(|e| format!("exec: {}", crate::error_chain(&e)))?;
+        let out = out.map_err(|e| format!("exec: {}", loft::error::chain(&e)))?;
         if !matches!(out.status, ExitStatus::Code(0)) {
             return Err(format!("`true` ended with {:?}", out.status));
         }
-        killed.map_err(|e| format!("kill: {}", crate::error_chain(&e)))?;
+        killed.map_err(|e| format!("kill: {}", loft::error::chain(&e)))?;
         if let Some(again) = again {
-            let again = again.map_err(|e| format!("second exec: {}", crate::error_chain(&e)))?;
+            let again = again.map_err(|e| format!("second exec: {}", loft::error::chain(&e)))?;
             if !matches!(again.status, ExitStatus::Code(0)) {
                 return Err(format!("the second `true` ended with {:?}", again.status));
             }

@@ -55,6 +55,20 @@ pub use stop::StopReason;
 
 /// The causes an [`Error`] carries, one type per part of loft.
 pub mod error {
+    /// `e` and its chain of causes on one line, `what: why: …`. loft's messages leave their
+    /// cause out (it is their `source()`), so nothing is said twice; the `loft` command prints
+    /// its errors this way.
+    pub fn chain(e: &dyn std::error::Error) -> String {
+        let mut line = e.to_string();
+        let mut cause = e.source();
+        while let Some(c) = cause {
+            line.push_str(": ");
+            line.push_str(&c.to_string());
+            cause = c.source();
+        }
+        line
+    }
+
     pub use crate::api::ApiError;
     pub use crate::arch::x86_64::boot_params::BootParamsError;
     pub use crate::arch::x86_64::mptable::MptableError;

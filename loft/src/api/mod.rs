@@ -326,18 +326,6 @@ fn bad(message: impl Into<String>) -> Response {
     Response::fault(400, message)
 }
 
-/// An error and its causes on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cause = c.source();
-    }
-    s
-}
-
 /// Checks that a file the VM will need can be opened.
 fn readable(path: &Path, what: &str) -> Result<(), Response> {
     std::fs::File::open(path)
@@ -462,8 +450,12 @@ impl Controller {
                 Response::no_content()
             }
             (Action::Start, None) => match self.builder(new_vm()).and_then(|b| {
-                b.start()
-                    .map_err(|e| bad(format!("Failed to start microVM: {}", chain(&e))))
+                b.start().map_err(|e| {
+                    bad(format!(
+                        "Failed to start microVM: {}",
+                        crate::error::chain(&e)
+                    ))
+                })
             }) {
                 Ok(handle) => {
                     *vm = Some(handle);
@@ -481,7 +473,9 @@ impl Controller {
                 }
                 let snapshot = match Snapshot::open(&p.snapshot_path) {
                     Ok(s) => s,
-                    Err(e) => return bad(format!("Load snapshot error: {}", chain(&e))),
+                    Err(e) => {
+                        return bad(format!("Load snapshot error: {}", crate::error::chain(&e)))
+                    }
                 };
                 let mut b = new_vm().restore_from(snapshot);
                 for n in p.network_overrides.iter().flatten() {
@@ -510,26 +504,32 @@ impl Controller {
                         *vm = Some(handle);
                         Response::no_content()
                     }
-                    Err(e) => bad(format!("Load snapshot error: {}", chain(&e))),
+                    Err(e) => bad(format!("Load snapshot error: {}", crate::error::chain(&e))),
                 }
             }
             (Action::CtrlAltDel, Some(h)) => match h.ctrl_alt_del() {
                 Ok(()) => Response::no_content(),
-                Err(e) => bad(chain(&e)),
+                Err(e) => bad(crate::error::chain(&e)),
             },
             (Action::Pause, Some(h)) => match h.pause() {
                 Ok(()) => {
                     self.paused = true;
                     Response::no_content()
                 }
-                Err(e) => bad(format!("Failed to pause the microVM: {}", chain(&e))),
+                Err(e) => bad(format!(
+                    "Failed to pause the microVM: {}",
+                    crate::error::chain(&e)
+                )),
             },
             (Action::Resume, Some(h)) => match h.resume() {
                 Ok(()) => {
                     self.paused = false;
                     Response::no_content()
                 }
-                Err(e) => bad(format!("Failed to resume the microVM: {}", chain(&e))),
+                Err(e) => bad(format!(
+                    "Failed to resume the microVM: {}",
+                    crate::error::chain(&e)
+                )),
             },
             (Action::SnapshotCreate(p), Some(h)) => {
                 if !self.paused {
@@ -540,12 +540,15 @@ impl Controller {
                 }
                 match h.snapshot(&p.snapshot_path) {
                     Ok(_) => Response::no_content(),
-                    Err(e) => bad(format!("Create snapshot error: {}", chain(&e))),
+                    Err(e) => bad(format!(
+                        "Create snapshot error: {}",
+                        crate::error::chain(&e)
+                    )),
                 }
             }
             (Action::Exec(e), Some(h)) => match h.exec(&e.request()) {
                 Ok(out) => loft_endpoints::exec_response(&out),
-                Err(e) => bad(format!("exec: {}", chain(&e))),
+                Err(e) => bad(format!("exec: {}", crate::error::chain(&e))),
             },
             (Action::BootTimes, Some(h)) => loft_endpoints::boot_times_response(&h.boot_times()),
             (Action::Console, Some(h)) => Response::ok(serde_json::json!({
