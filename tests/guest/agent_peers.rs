@@ -6,9 +6,9 @@
 
 use std::os::unix::fs::FileExt;
 
-use super::snapshot::{agent_snapshot, disk_copy};
+use super::snapshot::{disk_copy, restore_agent_snapshot};
 use crate::common;
-use loft::{ExecRequest, ExitStatus, Snapshot, VmBuilder, AGENT_PORT};
+use loft::{ExecRequest, ExitStatus, AGENT_PORT};
 
 /// Where on the data disk the probe goes: past what the snapshot's guest wrote there.
 const PROBE_OFFSET: u64 = 1 << 20;
@@ -38,12 +38,7 @@ fn a_connection_to_the_agent_from_inside_the_guest_is_refused() {
         .write_all_at(&probe, PROBE_OFFSET)
         .unwrap();
     let _vms = common::in_process_vms();
-    let vm = VmBuilder::new()
-        .disk(&disk, false)
-        .capture_console()
-        .restore_from(Snapshot::open(&agent_snapshot().dir).unwrap())
-        .start()
-        .expect("restore");
+    let vm = restore_agent_snapshot(&disk);
     // The guest may hold the disk's old blocks in its page cache: drop them, then read the
     // probe from the device.
     let script = format!(

@@ -7,8 +7,8 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::common;
-use crate::snapshot::{agent_snapshot, disk_copy, scratch};
-use loft::{ExecRequest, ExitStatus, Snapshot, StopReason, VmBuilder};
+use crate::snapshot::{agent_snapshot, disk_copy, restore_agent_snapshot, scratch};
+use loft::{ExecRequest, ExitStatus, StopReason};
 
 /// A task's name, seccomp mode (0 none, 2 filter) and number of filters.
 #[derive(Debug)]
@@ -58,12 +58,7 @@ fn a_library_vms_threads_are_confined_the_callers_thread_is_not() {
     let disk = disk_copy("seccomp-lib.img");
     // Alone: no other VM's threads are starting (and not yet confined) while they are counted.
     let _vms = common::only_in_process_vms();
-    let vm = VmBuilder::new()
-        .disk(&disk, false)
-        .capture_console()
-        .restore_from(Snapshot::open(&agent_snapshot().dir).unwrap())
-        .start()
-        .expect("restore");
+    let vm = restore_agent_snapshot(&disk);
     let out = vm
         .exec(&ExecRequest::new(["/bin/sh", "-c", "echo confined"]))
         .unwrap();

@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::common::{self, assert_one_line_error, guest_file, BootSlot, BOOT_TIMEOUT};
-use loft::{ExecRequest, ExitStatus, Snapshot, StopReason, VmBuilder};
+use loft::{ExecRequest, ExitStatus, Snapshot, StopReason, VmBuilder, VmHandle};
 
 /// How long a restore and one command may take: restoring is milliseconds, but a guest process
 /// costs seconds on kvm_pvm hosts, more when the machine is busy.
@@ -94,6 +94,17 @@ pub fn disk_copy(name: &str) -> PathBuf {
     let copy = scratch(name);
     std::fs::copy(&agent_snapshot().disk, &copy).unwrap();
     copy
+}
+
+/// The agent snapshot restored in this process on `disk` (a [`disk_copy`]), its console
+/// captured. Take the in-process VM lock first.
+pub fn restore_agent_snapshot(disk: &Path) -> VmHandle {
+    VmBuilder::new()
+        .disk(disk, false)
+        .capture_console()
+        .restore_from(Snapshot::open(&agent_snapshot().dir).unwrap())
+        .start()
+        .expect("restore")
 }
 
 fn restore_cli(disk: &Path, command: &str) -> common::Outcome {
