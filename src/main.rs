@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
+use loft::seccomp::ThreadKind;
 use loft::{
     DiskConfig, ExecRequest, ExitStatus, Jail, MemSize, NetConfig, Snapshot, VmBuilder, VmHandle,
     VsockConfig,
@@ -201,6 +202,16 @@ fn install_terminate_handlers() {
     }
 }
 
+/// With `seccomp`, confines the calling thread as `kind` (a failure is logged: the thread runs
+/// on unconfined).
+fn confine(seccomp: bool, kind: ThreadKind) {
+    if seccomp {
+        if let Err(e) = loft::seccomp::confine_current_thread(kind) {
+            log::warn!("{e}");
+        }
+    }
+}
+
 /// Runs `body` while a watcher thread stops `vm` when a terminating signal arrives (a signal
 /// handler cannot take the locks stopping needs). With `seccomp`, the watcher confines itself,
 /// and so does the calling thread (the command's main thread) before `body`, for good.
@@ -209,12 +220,7 @@ fn stop_on_signal<T>(vm: &VmHandle, seccomp: bool, body: impl FnOnce() -> T) -> 
     let finished = AtomicBool::new(false);
     std::thread::scope(|scope| {
         scope.spawn(|| {
-            if seccomp {
-                use loft::seccomp::{confine_current_thread, ThreadKind};
-                if let Err(e) = confine_current_thread(ThreadKind::SignalWatcher) {
-                    log::warn!("{e}");
-                }
-            }
+            confine(seccomp, ThreadKind::SignalWatcher);
             while !finished.load(Ordering::Acquire) {
                 if INTERRUPTED.load(Ordering::Acquire) {
                     vm.stop();
@@ -225,12 +231,7 @@ fn stop_on_signal<T>(vm: &VmHandle, seccomp: bool, body: impl FnOnce() -> T) -> 
         });
         // From here on this thread waits for the VM, talks to its agent and cleans up: it
         // confines itself too (the threads it needed are started).
-        if seccomp {
-            use loft::seccomp::{confine_current_thread, ThreadKind};
-            if let Err(e) = confine_current_thread(ThreadKind::Command) {
-                log::warn!("{e}");
-            }
-        }
+        confine(seccomp, ThreadKind::Command);
         let r = body();
         finished.store(true, Ordering::Release);
         r
