@@ -32,12 +32,17 @@ use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::{header, read_frame, Frame, Kind, Peer, ProtocolError, CHUNK, HEADER_LEN};
+use crate::{header, read_frame, Frame, Kind, Peer, ProtocolError, CHUNK, EPROTO, HEADER_LEN};
+
+mod files;
+mod process;
 
 pub use crate::{
-    ExecRequest, SyncRequest, DEFAULT_PORT as DEFAULT_AGENT_PORT, MAX_CLONE_ID, MAX_FRAME,
-    MAX_SYNC_ENTROPY, MIN_SYNC_ENTROPY,
+    DirEntry, ExecRequest, FileType, Resource, SyncRequest, DEFAULT_PORT as DEFAULT_AGENT_PORT,
+    MAX_CLONE_ID, MAX_FRAME, MAX_SYNC_ENTROPY, MIN_SYNC_ENTROPY, UNLIMITED,
 };
+pub use files::{list_dir, read_file, remove, write_file, FileError, MAX_ENTRIES};
+pub use process::{Process, ProcessInput, ProcessOutput};
 
 /// Most bytes [`exec_output`] collects from each of stdout and stderr.
 pub const OUTPUT_LIMIT: usize = 64 << 20;
@@ -154,6 +159,23 @@ pub enum AgentError {
         /// The limit.
         limit: usize,
     },
+    /// The agent speaks another protocol version (its `Error` frame said so, errno
+    /// [`EPROTO`]): the host's loft and the guest's agent come from different loft versions.
+    #[error("the guest agent refused the request: {message}")]
+    Version {
+        /// The agent's message, naming both versions.
+        message: String,
+    },
+    /// A file request failed in the guest, or a file read went over its limit.
+    #[error("{message}")]
+    File {
+        /// What kind of failure.
+        kind: FileError,
+        /// The guest's errno (0 when the host found the file too large).
+        errno: i32,
+        /// What happened, with the guest path.
+        message: String,
+    },
 }
 
 impl AgentError {
@@ -164,7 +186,7 @@ impl AgentError {
     }
 }
 
-fn io_error(e: io::Error) -> AgentError {
+pub(crate) fn io_error(e: io::Error) -> AgentError {
     match e.kind() {
         // A socket timeout shows up as EAGAIN.
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => AgentError::Timeout,
@@ -172,7 +194,7 @@ fn io_error(e: io::Error) -> AgentError {
     }
 }
 
-fn protocol_error(e: ProtocolError) -> AgentError {
+pub(crate) fn protocol_error(e: ProtocolError) -> AgentError {
     match e {
         ProtocolError::FrameTooLarge { len } => AgentError::FrameTooLarge { len },
         ProtocolError::Io(e) => io_error(e),
@@ -180,15 +202,15 @@ fn protocol_error(e: ProtocolError) -> AgentError {
     }
 }
 
-fn deadline_after(timeout: Option<Duration>) -> Option<Instant> {
+pub(crate) fn deadline_after(timeout: Option<Duration>) -> Option<Instant> {
     // A timeout too large to add is no timeout.
     timeout.and_then(|t| Instant::now().checked_add(t))
 }
 
 /// The stream, with each read and write bounded by what is left until the deadline.
-struct Timed<'a> {
-    stream: &'a UnixStream,
-    deadline: Option<Instant>,
+pub(crate) struct Timed<'a> {
+    pub(crate) stream: &'a UnixStream,
+    pub(crate) deadline: Option<Instant>,
 }
 
 impl Timed<'_> {
@@ -505,22 +527,30 @@ fn read_answer(
     let mut r = BufReader::with_capacity(HEADER_LEN + CHUNK, Timed { stream, deadline });
     loop {
         match read_frame(&mut r, Peer::Agent).map_err(protocol_error)? {
+            Some(Frame::Started(_)) => {}
             Some(Frame::Stdout(data)) => sink(false, &data)?,
             Some(Frame::Stderr(data)) => sink(true, &data)?,
             Some(Frame::Exit(code)) => return Ok(ExitStatus::Code(code)),
             Some(Frame::Signal(sig)) => return Ok(ExitStatus::Signal(sig)),
-            Some(Frame::Error { errno, message }) => {
-                let message = bounded(message);
-                return Err(AgentError::Remote { errno, message });
-            }
+            Some(Frame::Error { errno, message }) => return Err(remote(errno, message)),
             Some(f) => return Err(protocol_error(ProtocolError::Unexpected(f.kind()))),
             None => return Err(AgentError::NoExitStatus),
         }
     }
 }
 
+/// The error an `Error` frame answering a request stands for: a version mismatch ([`EPROTO`]),
+/// or the agent's failure.
+pub(crate) fn remote(errno: i32, message: String) -> AgentError {
+    let message = bounded(message);
+    match errno {
+        EPROTO => AgentError::Version { message },
+        _ => AgentError::Remote { errno, message },
+    }
+}
+
 /// An `Error` message from the guest, cut to [`MAX_ERROR_MESSAGE`] bytes.
-fn bounded(mut message: String) -> String {
+pub(crate) fn bounded(mut message: String) -> String {
     if message.len() > MAX_ERROR_MESSAGE {
         let mut end = MAX_ERROR_MESSAGE;
         while !message.is_char_boundary(end) {
@@ -615,10 +645,11 @@ fn read_sync_answer(stream: &UnixStream, deadline: Option<Instant>) -> Result<()
     let mut r = Timed { stream, deadline };
     match read_frame(&mut r, Peer::Agent).map_err(protocol_error)? {
         Some(Frame::Synced) => Ok(()),
-        Some(Frame::Error { errno, message }) => Err(AgentError::SyncFailed {
+        Some(Frame::Error { errno, message }) if errno != EPROTO => Err(AgentError::SyncFailed {
             errno,
             message: bounded(message),
         }),
+        Some(Frame::Error { errno, message }) => Err(remote(errno, message)),
         Some(f) => Err(protocol_error(ProtocolError::Unexpected(f.kind()))),
         None => Err(AgentError::NoExitStatus),
     }
@@ -1371,5 +1402,134 @@ mod tests {
         let (err, took) = hostile_sync(Vec::new(), false);
         assert!(matches!(err, AgentError::Timeout), "{err:?}");
         assert!(took >= SHORT && took < SHORT * 4, "took {took:?}");
+    }
+
+    #[test]
+    fn a_process_echoes_stdin_reports_a_signal_and_waits_with_a_timeout() {
+        let vmm = vmm_with_agent();
+        let conn = || connect(&vmm.path, PORT, LONG).unwrap();
+        let mut cat = Process::start(conn(), &ExecRequest::new(["cat"]), LONG).unwrap();
+        assert!(cat.pid() > 0);
+        cat.write_stdin(b"x").unwrap();
+        assert_eq!(
+            cat.read_output(LONG).unwrap(),
+            Some(ProcessOutput::Stdout(b"x".to_vec()))
+        );
+        cat.close_stdin().unwrap();
+        assert_eq!(cat.wait().unwrap(), ExitStatus::Code(0));
+        assert_eq!(cat.read_output(LONG).unwrap(), None);
+
+        let mut sleep = Process::start(conn(), &ExecRequest::new(["sleep", "100"]), LONG).unwrap();
+        let t = Instant::now();
+        assert_eq!(sleep.wait_timeout(SHORT).unwrap(), None);
+        assert!(t.elapsed() < SHORT * 3, "{:?}", t.elapsed());
+        assert!(matches!(
+            sleep.read_output(Some(SHORT)),
+            Err(AgentError::Timeout)
+        ));
+        sleep.signal(libc::SIGTERM).unwrap();
+        assert_eq!(
+            sleep.wait_timeout(Duration::from_secs(10)).unwrap(),
+            Some(ExitStatus::Signal(libc::SIGTERM))
+        );
+
+        // Output that came while waiting is kept for read_output.
+        let mut p =
+            Process::start(conn(), &ExecRequest::shell("echo a; echo b >&2"), LONG).unwrap();
+        assert_eq!(p.wait().unwrap(), ExitStatus::Code(0));
+        assert_eq!(p.take_output(), (b"a\n".to_vec(), b"b\n".to_vec()));
+
+        let missing = Process::start(conn(), &ExecRequest::new(["/no/such"]), LONG).unwrap_err();
+        assert!(missing.is_not_found(), "{missing:?}");
+    }
+
+    #[test]
+    fn files_go_in_and_out_with_typed_errors() {
+        let vmm = vmm_with_agent();
+        let conn = || connect(&vmm.path, PORT, LONG).unwrap();
+        let dir = std::env::temp_dir().join(format!("loft-ac-files-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let d = dir.to_str().unwrap().to_string();
+        let path = format!("{d}/sub/data");
+        let data: Vec<u8> = (0..333_333u32).map(|i| (i % 253) as u8).collect();
+        let n = write_file(conn(), &path, 0o600, &mut &data[..], LONG).unwrap();
+        assert_eq!(n, data.len() as u64);
+        let mut back = Vec::new();
+        read_file(conn(), &path, u64::MAX, &mut back, LONG).unwrap();
+        assert_eq!(back, data);
+        let kind = |e: AgentError| match e {
+            AgentError::File { kind, .. } => kind,
+            e => panic!("{e:?}"),
+        };
+        let e = read_file(conn(), &path, 1000, &mut Vec::new(), LONG).unwrap_err();
+        assert!(e.to_string().contains("data"), "{e}");
+        assert_eq!(kind(e), FileError::TooLarge);
+        let e = read_file(conn(), &format!("{d}/nope"), 10, &mut Vec::new(), LONG).unwrap_err();
+        assert_eq!(kind(e), FileError::NotFound);
+        let e = read_file(conn(), &d, 10, &mut Vec::new(), LONG).unwrap_err();
+        assert_eq!(kind(e), FileError::IsADirectory);
+        let e = write_file(
+            conn(),
+            &format!("{path}/below"),
+            0o600,
+            &mut &b"x"[..],
+            LONG,
+        );
+        assert_eq!(kind(e.unwrap_err()), FileError::NotADirectory);
+        let names: Vec<String> = list_dir(conn(), &d, LONG)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        assert_eq!(names, ["sub"]);
+        assert_eq!(
+            kind(remove(conn(), &d, false, LONG).unwrap_err()),
+            FileError::NotEmpty
+        );
+        remove(conn(), &d, true, LONG).unwrap();
+        assert!(!dir.exists());
+        assert!(matches!(
+            list_dir(conn(), "relative", LONG),
+            Err(AgentError::InvalidRequest(_))
+        ));
+    }
+
+    #[test]
+    fn a_file_read_over_its_limit_is_cut_by_the_host() {
+        // A hostile agent that ignores the limit: the host stops at it.
+        let mut bytes = Vec::new();
+        for _ in 0..4 {
+            bytes.extend_from_slice(&Frame::Data(vec![7; 1000]).encode().unwrap());
+        }
+        bytes.extend_from_slice(&Frame::Done.encode().unwrap());
+        let vmm = vmm_with_hostile_agent(bytes, false);
+        let stream = connect(&vmm.path, PORT, LONG).unwrap();
+        let mut out = Vec::new();
+        let e = read_file(stream, "/f", 2500, &mut out, LONG).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                AgentError::File {
+                    kind: FileError::TooLarge,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(out.len() <= 2500);
+    }
+
+    #[test]
+    fn an_agent_of_another_version_is_a_version_error() {
+        let answer = Frame::Error {
+            errno: EPROTO,
+            message:
+                "protocol version mismatch: the request is version 2, this side speaks version 3"
+                    .into(),
+        };
+        let vmm = vmm_with_hostile_agent(answer.encode().unwrap(), true);
+        let e = exec_output(&vmm.path, PORT, &ExecRequest::new(["true"]), None, LONG).unwrap_err();
+        assert!(matches!(e, AgentError::Version { .. }), "{e:?}");
+        assert!(e.to_string().contains("protocol version mismatch"), "{e}");
     }
 }

@@ -12,16 +12,21 @@
 //! [`SyncOps`] the handler is given ([`LinuxGuest`](crate::guest::LinuxGuest) in the agent, a
 //! fake in tests), then `Synced` or `Error` is sent and the connection closed.
 
+use std::fs::File;
 use std::io::{BufReader, Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
+use crate::fileops::{self, FileOutcome};
 use crate::guest::{self, SyncOps};
-use crate::{header, read_frame, ExecRequest, Frame, Kind, Peer, ProtocolError, CHUNK, HEADER_LEN};
+use crate::{
+    header, pty, read_frame, ExecRequest, Frame, Kind, Peer, ProtocolError, CHUNK, EPROTO,
+    HEADER_LEN,
+};
 
 /// Most connections served at once; more are answered with `Error` and closed.
 pub const MAX_CONNECTIONS: usize = 64;
@@ -48,6 +53,12 @@ pub enum Outcome {
     Synced,
     /// A `Sync` step failed (the others were still tried); `Error` was sent with this message.
     SyncFailed(String),
+    /// A file request succeeded; `Done` was sent.
+    FileDone,
+    /// A file request failed; `Error` was sent with this message.
+    FileFailed(String),
+    /// The host left before a detached command ended: it runs on.
+    Detached,
 }
 
 /// The write half, shared by the relays and the coordinator. Once the final frame is out (or a
@@ -89,6 +100,8 @@ fn send_error<W: Write>(sink: &SharedSink<W>, errno: i32, message: String) {
 enum Event {
     /// A pipe reached its end.
     RelayDone,
+    /// The host asks for this signal to be sent to the command.
+    Kill(i32),
     /// The host closed the stream (or it broke): kill the command.
     HostGone,
     /// The host sent something invalid.
@@ -122,9 +135,22 @@ where
                 _ => Outcome::Synced,
             };
         }
+        Ok(Some(Frame::File(request))) => {
+            let mut write = |bytes: &[u8]| send(&sink, bytes, false);
+            return match fileops::serve(&request, &mut reader, &mut write) {
+                FileOutcome::Done => Outcome::FileDone,
+                FileOutcome::Failed(_, message) => Outcome::FileFailed(message),
+                FileOutcome::HostGone => Outcome::Abandoned,
+            };
+        }
         Ok(Some(f)) => {
             let msg = ProtocolError::Unexpected(f.kind()).to_string();
             send_error(&sink, 0, msg.clone());
+            return Outcome::Rejected(msg);
+        }
+        Err(e @ ProtocolError::Version { .. }) => {
+            let msg = e.to_string();
+            send_error(&sink, EPROTO, msg.clone());
             return Outcome::Rejected(msg);
         }
         Err(e) => {
@@ -134,7 +160,7 @@ where
         }
     };
 
-    let mut child = match spawn(&request, stdin) {
+    let mut spawned = match spawn(&request, stdin) {
         Ok(c) => c,
         Err(e) => {
             let what = match &request.cwd {
@@ -145,8 +171,18 @@ where
             return Outcome::SpawnFailed(what);
         }
     };
+    // Before any output: the host learns the command runs (and its pid) at once.
+    send(
+        &sink,
+        &Frame::Started(spawned.child.id())
+            .encode()
+            .unwrap_or_default(),
+        false,
+    );
     let (tx, rx) = mpsc::channel();
-    let helpers = start_helpers(&mut child, reader, stdin, &sink, tx);
+    let mut relays = spawned.outputs.len();
+    let helpers = start_helpers(&mut spawned, reader, request.detach, &sink, tx);
+    let mut child = spawned.child;
     if let Err(e) = helpers {
         let msg = format!("cannot start a thread: {e}");
         send_error(&sink, e.raw_os_error().unwrap_or(0), msg.clone());
@@ -155,10 +191,24 @@ where
         return Outcome::Aborted(msg);
     }
 
-    let mut relays = 2;
     while relays > 0 {
         match rx.recv() {
             Ok(Event::RelayDone) => relays -= 1,
+            Ok(Event::Kill(sig)) => {
+                if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+                    // SAFETY: kill(2) takes plain integers. The child is not reaped yet (only
+                    // this thread waits for it), so its pid cannot have been reused.
+                    unsafe { libc::kill(pid, sig) };
+                }
+            }
+            Ok(Event::HostGone) if request.detach => {
+                // Asked to outlive the connection: it runs on; a thread reaps it.
+                let reaper = thread::Builder::new().stack_size(STACK_SIZE);
+                if reaper.spawn(move || child.wait()).is_err() {
+                    // Without a reaper it would stay a zombie; it still runs.
+                }
+                return Outcome::Detached;
+            }
             Ok(Event::HostGone) => {
                 // Nobody is left to report to. The child is not reaped yet (only this thread
                 // waits for it), so its pid cannot have been reused.
@@ -194,19 +244,111 @@ where
     Outcome::Finished(frame)
 }
 
-fn spawn(req: &ExecRequest, stdin: bool) -> std::io::Result<Child> {
+/// A started command and the ends of its standard streams the agent keeps.
+struct Spawned {
+    child: Child,
+    /// What the relays read: stdout and stderr, or the terminal.
+    outputs: Vec<(Box<dyn Read + Send>, Kind)>,
+    /// Where `Stdin` frames go: the stdin pipe, or the terminal (with the stdin flag only).
+    input: Option<Box<dyn Write + Send>>,
+    /// The terminal's master, for `Resize`.
+    pty: Option<File>,
+}
+
+fn spawn(req: &ExecRequest, stdin: bool) -> std::io::Result<Spawned> {
     let mut cmd = Command::new(&req.argv[0]);
     cmd.args(&req.argv[1..])
-        .envs(req.env.iter().map(|(k, v)| (k, v)))
-        .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
+        .envs(req.env.iter().map(|(k, v)| (k, v)));
+    if let Some(dir) = &req.cwd {
+        cmd.current_dir(dir);
+    }
+    // Limits first (still root: a hard limit can be raised), then the user.
+    let rlimits: Vec<(libc::c_int, libc::rlimit)> = req
+        .rlimits
+        .iter()
+        .map(|l| {
+            let lim = libc::rlimit {
+                rlim_cur: l.soft,
+                rlim_max: l.hard,
+            };
+            (libc::c_int::from(l.resource as u8), lim)
+        })
+        .collect();
+    let user = req.user.clone();
+    let drop_privileges = move || -> std::io::Result<()> {
+        let ok = |r: libc::c_int| {
+            if r == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        };
+        for (resource, lim) in &rlimits {
+            // SAFETY: setrlimit reads one rlimit from a live reference. (`as _`: glibc's
+            // resource type is an enum typedef.)
+            ok(unsafe { libc::setrlimit(*resource as _, lim) })?;
+        }
+        if let Some(u) = &user {
+            // SAFETY: setgroups reads `len` gids from the live vector; setgid and setuid take
+            // integers. All three are async-signal-safe, as pre_exec needs.
+            ok(unsafe { libc::setgroups(u.groups.len(), u.groups.as_ptr()) })?;
+            // SAFETY: as above.
+            ok(unsafe { libc::setgid(u.gid) })?;
+            // SAFETY: as above.
+            ok(unsafe { libc::setuid(u.uid) })?;
+        }
+        Ok(())
+    };
+    if let Some(size) = req.pty {
+        let pty = pty::open(size)?;
+        cmd.stdin(pty.slave.try_clone()?)
+            .stdout(pty.slave.try_clone()?)
+            .stderr(pty.slave);
+        // SAFETY: the closure makes only async-signal-safe system calls (setsid, ioctl and
+        // those of drop_privileges) and allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                // A session of its own, with the terminal (its stdin by now) as controlling
+                // terminal: job control and ^C work as on a console.
+                if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                drop_privileges()
+            })
+        };
+        let child = cmd.spawn()?;
+        let input: Option<Box<dyn Write + Send>> = match stdin {
+            true => Some(Box::new(pty.master.try_clone()?)),
+            false => None,
+        };
+        return Ok(Spawned {
+            child,
+            outputs: vec![(Box::new(pty.master.try_clone()?), Kind::Stdout)],
+            input,
+            pty: Some(pty.master),
+        });
+    }
+    cmd.stdin(if stdin { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         // Its own process group, so that giving up on it can kill what it started, too.
         .process_group(0);
-    if let Some(dir) = &req.cwd {
-        cmd.current_dir(dir);
-    }
-    cmd.spawn()
+    // SAFETY: drop_privileges makes only async-signal-safe system calls and allocates nothing.
+    unsafe { cmd.pre_exec(drop_privileges) };
+    let mut child = cmd.spawn()?;
+    let (Some(out), Some(err)) = (child.stdout.take(), child.stderr.take()) else {
+        return Err(std::io::Error::other("missing output pipes"));
+    };
+    let input = child
+        .stdin
+        .take()
+        .map(|s| Box::new(s) as Box<dyn Write + Send>);
+    Ok(Spawned {
+        child,
+        outputs: vec![(Box::new(out), Kind::Stdout), (Box::new(err), Kind::Stderr)],
+        input,
+        pty: None,
+    })
 }
 
 /// SIGKILLs the command's process group (the command and what it started there).
@@ -221,9 +363,9 @@ fn kill_group(child: &mut Child) {
 }
 
 fn start_helpers<R, W>(
-    child: &mut Child,
+    spawned: &mut Spawned,
     reader: BufReader<R>,
-    stdin_piped: bool,
+    detach: bool,
     sink: &SharedSink<W>,
     tx: Sender<Event>,
 ) -> std::io::Result<()>
@@ -231,32 +373,50 @@ where
     R: Read + Send + 'static,
     W: Write + Send + 'static,
 {
-    let (Some(out), Some(err)) = (child.stdout.take(), child.stderr.take()) else {
-        return Err(std::io::Error::other("missing output pipes"));
-    };
-    let stdin = child.stdin.take();
     let builder = || thread::Builder::new().stack_size(STACK_SIZE);
-    let (s, t) = (sink.clone(), tx.clone());
-    builder().spawn(move || relay(out, Kind::Stdout, &s, &t))?;
-    let (s, t) = (sink.clone(), tx.clone());
-    builder().spawn(move || relay(err, Kind::Stderr, &s, &t))?;
-    builder().spawn(move || host_reader(reader, stdin_piped, stdin, &tx))?;
+    for (pipe, kind) in spawned.outputs.drain(..) {
+        let (s, t) = (sink.clone(), tx.clone());
+        builder().spawn(move || relay(pipe, kind, detach, &s, &t))?;
+    }
+    let input = spawned.input.take();
+    let pty = match &spawned.pty {
+        Some(m) => Some(m.try_clone()?),
+        None => None,
+    };
+    builder().spawn(move || host_reader(reader, input, pty, &tx))?;
     Ok(())
 }
 
-/// Relays one pipe: a frame per `read`, written in place behind its header.
-fn relay<W: Write>(mut pipe: impl Read, kind: Kind, sink: &SharedSink<W>, tx: &Sender<Event>) {
+/// Relays one pipe (or the terminal): a frame per `read`, written in place behind its header.
+/// Once the host is gone, a detached command's output is read and dropped (so that it does not
+/// block or get `SIGPIPE`); otherwise the relay says so and stops.
+fn relay<W: Write>(
+    mut pipe: impl Read,
+    kind: Kind,
+    detach: bool,
+    sink: &SharedSink<W>,
+    tx: &Sender<Event>,
+) {
     let mut buf = vec![0u8; HEADER_LEN + CHUNK];
+    let mut host_gone = false;
     loop {
         let n = match pipe.read(&mut buf[HEADER_LEN..]) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            // EIO: a terminal whose every other end is closed (the command is done).
             Err(_) => break,
         };
+        if host_gone {
+            continue;
+        }
         buf[..HEADER_LEN].copy_from_slice(&header(kind, n as u32));
         if !send(sink, &buf[..HEADER_LEN + n], false) {
             // The host is gone (or the final frame is out already, after a protocol error).
+            if detach {
+                host_gone = true;
+                continue;
+            }
             let _ = tx.send(Event::HostGone);
             return;
         }
@@ -264,29 +424,46 @@ fn relay<W: Write>(mut pipe: impl Read, kind: Kind, sink: &SharedSink<W>, tx: &S
     let _ = tx.send(Event::RelayDone);
 }
 
-/// Reads the host's frames after `Exec`: stdin data and its end; the end of the stream means
-/// the host left.
+/// Reads the host's frames after `Exec`: stdin data and its end, signals, terminal sizes; the
+/// end of the stream means the host left.
 fn host_reader<R: Read>(
     mut reader: BufReader<R>,
-    stdin_piped: bool,
-    mut stdin: Option<ChildStdin>,
+    mut input: Option<Box<dyn Write + Send>>,
+    pty: Option<File>,
     tx: &Sender<Event>,
 ) {
-    let mut stdin_open = stdin_piped;
+    let mut stdin_open = input.is_some();
     loop {
         let event = match read_frame(&mut reader, Peer::Host) {
             Ok(Some(Frame::Stdin(data))) if stdin_open => {
                 // A command that does not read its stdin (or exited): drop the input.
-                if let Some(pipe) = stdin.as_mut() {
-                    if pipe.write_all(&data).is_err() {
-                        stdin = None;
+                if let Some(w) = input.as_mut() {
+                    if w.write_all(&data).is_err() {
+                        input = None;
                     }
                 }
                 continue;
             }
             Ok(Some(Frame::StdinEof)) if stdin_open => {
                 stdin_open = false;
-                stdin = None;
+                if let (Some(w), true) = (input.as_mut(), pty.is_some()) {
+                    // A terminal has no end of input but its EOF character (^D), which ends
+                    // a read at the start of a line.
+                    let _ = w.write_all(&[4]);
+                }
+                input = None;
+                continue;
+            }
+            Ok(Some(Frame::Kill(sig))) => {
+                if tx.send(Event::Kill(sig)).is_err() {
+                    return;
+                }
+                continue;
+            }
+            Ok(Some(Frame::Resize(size))) if pty.is_some() => {
+                if let Some(master) = &pty {
+                    let _ = pty::set_size(master, size);
+                }
                 continue;
             }
             Ok(Some(f)) => Event::Fatal(ProtocolError::Unexpected(f.kind()).to_string()),
@@ -427,6 +604,7 @@ mod tests {
                 .unwrap()
                 .expect("EOF before the final frame")
             {
+                Frame::Started(pid) => assert!(pid > 0),
                 Frame::Stdout(d) => out.extend_from_slice(&d),
                 Frame::Stderr(d) => err.extend_from_slice(&d),
                 f => return (out, err, f),
@@ -564,16 +742,219 @@ mod tests {
         let m = expect_rejected(&Frame::Exit(0).encode().unwrap());
         assert!(m.contains("unexpected Exit"), "{m}");
         let mut bad = header(Kind::Exec, 3).to_vec();
-        bad.extend_from_slice(&[1, 0, 0]);
+        bad.extend_from_slice(&[crate::PROTOCOL_VERSION, 0, 0]);
         let m = expect_rejected(&bad);
         assert!(m.contains("malformed Exec"), "{m}");
+    }
+
+    #[test]
+    fn a_request_of_another_version_gets_the_version_message() {
+        for (kind, version) in [
+            (Kind::Exec, crate::PROTOCOL_VERSION + 1),
+            (Kind::ListDir, 1),
+        ] {
+            let mut bad = header(kind, 2).to_vec();
+            bad.extend_from_slice(&[version, 0]);
+            let (mut host, handle) = connect();
+            host.write_all(&bad).unwrap();
+            match read_frame(&mut host, Peer::Agent).unwrap().unwrap() {
+                Frame::Error { errno, message } => {
+                    assert_eq!(errno, EPROTO);
+                    assert!(message.contains("protocol version mismatch"), "{message}");
+                    assert!(message.contains(&format!("version {version}")), "{message}");
+                }
+                f => panic!("{f:?}"),
+            }
+            assert!(matches!(handle.join().unwrap(), Outcome::Rejected(_)));
+        }
+    }
+
+    /// Sends a file request (and `content` as `Stdin` frames for a write), returns the frames
+    /// up to the final one.
+    fn file_request(req: crate::FileRequest, content: Option<&[u8]>) -> Vec<Frame> {
+        let (mut host, handle) = connect();
+        write_frame(&mut host, &Frame::File(req)).unwrap();
+        if let Some(data) = content {
+            for chunk in data.chunks(CHUNK) {
+                write_frame(&mut host, &Frame::Stdin(chunk.to_vec())).unwrap();
+            }
+            write_frame(&mut host, &Frame::StdinEof).unwrap();
+        }
+        let mut frames = Vec::new();
+        while let Some(f) = read_frame(&mut host, Peer::Agent).unwrap() {
+            frames.push(f);
+        }
+        handle.join().unwrap();
+        frames
+    }
+
+    fn errno_of(frames: &[Frame]) -> i32 {
+        match frames.last() {
+            Some(Frame::Error { errno, .. }) => *errno,
+            f => panic!("{f:?}"),
+        }
+    }
+
+    #[test]
+    fn files_written_read_listed_removed() {
+        use crate::FileRequest;
+        let dir = std::env::temp_dir().join(format!("loft-agent-files-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("a/b/f.bin");
+        let p = path.to_str().unwrap().to_string();
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 256) as u8).collect();
+        let write = |parents| FileRequest::Write {
+            path: p.clone(),
+            mode: 0o640,
+            parents,
+        };
+        // No parents: ENOENT, and the answer comes although the content was still sent.
+        assert_eq!(
+            errno_of(&file_request(write(false), Some(&data))),
+            libc::ENOENT
+        );
+        assert_eq!(file_request(write(true), Some(&data)), vec![Frame::Done]);
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o640);
+        assert_eq!(std::fs::read(&path).unwrap(), data);
+
+        let read = |path: &str, limit| FileRequest::Read {
+            path: path.into(),
+            limit,
+        };
+        let frames = file_request(read(&p, data.len() as u64), None);
+        assert_eq!(frames.last(), Some(&Frame::Done));
+        let got: Vec<u8> = frames
+            .iter()
+            .flat_map(|f| match f {
+                Frame::Data(d) => d.clone(),
+                _ => Vec::new(),
+            })
+            .collect();
+        assert_eq!(got, data);
+        assert_eq!(errno_of(&file_request(read(&p, 1000), None)), libc::EFBIG);
+        let d = dir.to_str().unwrap();
+        assert_eq!(errno_of(&file_request(read(d, 1000), None)), libc::EISDIR);
+        let missing = format!("{d}/missing");
+        assert_eq!(
+            errno_of(&file_request(read(&missing, 1), None)),
+            libc::ENOENT
+        );
+
+        let list = file_request(
+            FileRequest::List {
+                path: format!("{d}/a/b"),
+            },
+            None,
+        );
+        match &list[..] {
+            [Frame::Entry(e), Frame::Done] => {
+                assert_eq!(e.name, "f.bin");
+                assert_eq!(e.size, data.len() as u64);
+                assert_eq!(e.file_type, crate::FileType::File);
+            }
+            f => panic!("{f:?}"),
+        }
+        let remove = |recursive| FileRequest::Remove {
+            path: format!("{d}/a"),
+            recursive,
+        };
+        assert_eq!(
+            errno_of(&file_request(remove(false), None)),
+            libc::ENOTEMPTY
+        );
+        assert_eq!(file_request(remove(true), None), vec![Frame::Done]);
+        assert!(!dir.join("a").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn kill_sends_the_signal_and_it_is_reported() {
+        let (mut host, handle) = connect();
+        write_frame(&mut host, &exec(ExecRequest::new(["sleep", "100"]), false)).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        write_frame(&mut host, &Frame::Kill(libc::SIGTERM)).unwrap();
+        let (_, _, fin) = collect(&mut host);
+        assert_eq!(fin, Frame::Signal(libc::SIGTERM));
+        drop(host);
+        handle.join().unwrap();
+    }
+
+    #[test]
+    fn a_pty_command_has_a_terminal_of_the_size_asked() {
+        let (mut host, handle) = connect();
+        let req =
+            ExecRequest::shell("tty >/dev/null && stty size; read l; echo got-$l").pty(24, 91);
+        write_frame(&mut host, &exec(req, true)).unwrap();
+        write_frame(&mut host, &Frame::Stdin(b"x\n".to_vec())).unwrap();
+        let (out, err, fin) = collect(&mut host);
+        let out = String::from_utf8_lossy(&out);
+        assert!(out.contains("24 91\r\n"), "{out:?}");
+        assert!(out.contains("got-x\r\n"), "{out:?}");
+        assert!(err.is_empty());
+        assert_eq!(fin, Frame::Exit(0));
+        drop(host);
+        handle.join().unwrap();
+    }
+
+    #[test]
+    fn rlimits_are_set_in_the_command() {
+        let req = ExecRequest::shell("ulimit -n; ulimit -t")
+            .rlimit(crate::Resource::OpenFiles, 20, 30)
+            .rlimit(crate::Resource::Cpu, 5, 5);
+        let (out, _, fin) = run(req);
+        assert_eq!(String::from_utf8_lossy(&out), "20\n5\n");
+        assert_eq!(fin, Frame::Exit(0));
+    }
+
+    #[test]
+    fn a_user_the_agent_cannot_become_is_a_spawn_error() {
+        // As root this would work (and is what the guest tests check); as anyone else,
+        // setgroups fails with EPERM before the command runs.
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            let (out, _, fin) = run(ExecRequest::shell("id -u; id -g").user(1000, 1001));
+            assert_eq!(String::from_utf8_lossy(&out), "1000\n1001\n");
+            assert_eq!(fin, Frame::Exit(0));
+            return;
+        }
+        let (mut host, _) = connect();
+        write_frame(
+            &mut host,
+            &exec(ExecRequest::new(["true"]).user(1, 1), false),
+        )
+        .unwrap();
+        match read_frame(&mut host, Peer::Agent).unwrap().unwrap() {
+            Frame::Error { errno, .. } => assert_eq!(errno, libc::EPERM),
+            f => panic!("{f:?}"),
+        }
+    }
+
+    #[test]
+    fn a_detached_command_outlives_the_connection() {
+        let dir = std::env::temp_dir().join(format!("loft-agent-detach-{}", std::process::id()));
+        let _ = std::fs::remove_file(&dir);
+        let script = format!("sleep 0.5; echo late > {}", dir.display());
+        let (host, handle) = connect();
+        let mut h = host;
+        write_frame(&mut h, &exec(ExecRequest::shell(&script).detach(), false)).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        drop(h);
+        assert_eq!(handle.join().unwrap(), Outcome::Detached);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !dir.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(std::fs::read_to_string(&dir).unwrap(), "late\n");
+        std::fs::remove_file(&dir).unwrap();
     }
 
     #[test]
     fn truncated_request_then_close_is_rejected() {
         let (mut host, handle) = connect();
         host.write_all(&header(Kind::Exec, 100)).unwrap();
-        host.write_all(&[1, 0]).unwrap();
+        host.write_all(&[crate::PROTOCOL_VERSION, 0]).unwrap();
         host.shutdown(std::net::Shutdown::Write).unwrap();
         match read_frame(&mut host, Peer::Agent).unwrap().unwrap() {
             Frame::Error { errno: 0, message } => assert!(message.contains("inside a frame")),
@@ -596,6 +977,8 @@ mod tests {
         // Stdin data without having asked for a stdin pipe.
         write_frame(&mut host, &Frame::Stdin(b"x".to_vec())).unwrap();
         let t = Instant::now();
+        let started = read_frame(&mut host, Peer::Agent).unwrap().unwrap();
+        assert!(matches!(started, Frame::Started(_)), "{started:?}");
         match read_frame(&mut host, Peer::Agent).unwrap().unwrap() {
             Frame::Error { errno: 0, message } => assert!(message.contains("Stdin"), "{message}"),
             f => panic!("{f:?}"),
@@ -621,6 +1004,8 @@ mod tests {
         let _ = std::fs::remove_file(&marker);
         let script = format!("echo started; sleep 2; touch {}", marker.display());
         write_frame(&mut host, &exec(ExecRequest::shell(&script), false)).unwrap();
+        let started = read_frame(&mut host, Peer::Agent).unwrap().unwrap();
+        assert!(matches!(started, Frame::Started(_)), "{started:?}");
         assert_eq!(
             read_frame(&mut host, Peer::Agent).unwrap().unwrap(),
             Frame::Stdout(b"started\n".to_vec())
