@@ -34,7 +34,7 @@ SRC_TARBALL=/usr/src/linux-source-6.1.tar.xz
 SRC="$BUILD_DIR/linux-source-6.1"
 # Bump when the build recipe below changes in a way that changes the outputs.
 KERNEL_RECIPE=1
-USERSPACE_RECIPE=1
+USERSPACE_RECIPE=2
 
 log() { echo "[guest-build] $*"; }
 die() { echo "[guest-build] ERROR: $*" >&2; exit 1; }
@@ -189,7 +189,7 @@ build_userspace() {
   rm -rf "$stage"; mkdir -p "$stage"
   mktree() {  # $1 = root of a busybox tree
     local r="$1" a
-    mkdir -p "$r"/{bin,sbin,usr/bin,usr/sbin,etc,proc,sys,dev,tmp,run,root,mnt}
+    mkdir -p "$r"/{bin,sbin,usr/bin,usr/sbin,etc,proc,sys,dev,tmp,run,root,mnt,home/loft}
     cp /bin/busybox "$r/bin/busybox"
     # applet links -> /bin/busybox (absolute inside the guest; not `busybox --install`,
     # which would link to the staging path)
@@ -198,9 +198,14 @@ build_userspace() {
     done
     mknod -m 600 "$r/dev/console" c 5 1
     mknod -m 666 "$r/dev/null" c 1 3
-    echo 'root:x:0:0:root:/root:/bin/sh' > "$r/etc/passwd"
-    echo 'root:x:0:' > "$r/etc/group"
-    chmod 1777 "$r/tmp"
+    # root, and `loft` (1000:1000), the unprivileged user the host may run commands as
+    # (ExecRequest::user). Everything in the image is root's (cpio --owner=0:0), so loft's home
+    # is world-writable and sticky, like /tmp; /root is root's alone.
+    printf '%s\n' 'root:x:0:0:root:/root:/bin/sh' 'loft:x:1000:1000:loft:/home/loft:/bin/sh' \
+      > "$r/etc/passwd"
+    printf '%s\n' 'root:x:0:' 'loft:x:1000:' > "$r/etc/group"
+    chmod 1777 "$r/tmp" "$r/home/loft"
+    chmod 700 "$r/root"
     install -m 644 "$FSTAB" "$r/etc/fstab"
     install -m 755 "$INIT" "$r/init"
     install -m 755 "$AGENT" "$r/sbin/loft-agent"

@@ -1,6 +1,8 @@
 //! The `loft` command.
 
 mod api;
+mod copy;
+mod interactive;
 mod terminal;
 
 use std::io::{IsTerminal, Write};
@@ -96,6 +98,21 @@ struct RunArgs {
     /// to stop, and loft was done
     #[arg(long)]
     boot_timer: bool,
+    /// Copy the host file HOST to the guest path GUEST (absolute; parent directories are
+    /// created) before the command runs (repeatable; with -- CMD)
+    #[arg(long, value_name = "HOST:GUEST", value_parser = copy::parse_in)]
+    copy_in: Vec<copy::Copy>,
+    /// Copy the guest file GUEST to the host path HOST after the command ended, whatever its
+    /// exit code (repeatable; with -- CMD)
+    #[arg(long, value_name = "GUEST:HOST", value_parser = copy::parse_out)]
+    copy_out: Vec<copy::Copy>,
+    /// Keep stdin open: what loft reads on its stdin is the command's stdin (with -- CMD)
+    #[arg(short, long)]
+    interactive: bool,
+    /// Run the command on a terminal in the guest, this terminal in raw mode meanwhile
+    /// (with -- CMD; -it for an interactive shell)
+    #[arg(short, long)]
+    tty: bool,
     /// Run this command in the guest (through its agent) instead of showing its console:
     /// its stdout and stderr become loft's, and loft exits with its exit code
     #[arg(last = true, value_name = "CMD")]
@@ -266,6 +283,18 @@ fn jail_of(args: &RunArgs) -> Result<Option<Jail>, String> {
     }))
 }
 
+/// The first of the options that only go with `-- CMD` given in `args`.
+fn command_only(args: &RunArgs) -> Option<&'static str> {
+    [
+        (!args.copy_in.is_empty(), "--copy-in"),
+        (!args.copy_out.is_empty(), "--copy-out"),
+        (args.interactive, "--interactive (-i)"),
+        (args.tty, "--tty (-t)"),
+    ]
+    .into_iter()
+    .find_map(|(given, flag)| given.then_some(flag))
+}
+
 /// The VM `loft run` starts: `args.vm` booted, or restored from `--restore DIR`, jailed with
 /// `--jail`.
 fn run_builder(args: &RunArgs, started: Instant) -> Result<VmBuilder, loft::Error> {
@@ -285,17 +314,31 @@ fn run_builder(args: &RunArgs, started: Instant) -> Result<VmBuilder, loft::Erro
 /// command's exit code.
 fn run_command(args: RunArgs, started: Instant) -> Result<u8, loft::Error> {
     let vm = run_builder(&args, started)?.capture_console().start()?;
+    if args.tty {
+        interactive::install_resize_handler();
+    }
     let result = stop_on_signal(&vm, args.vm.seccomp, || {
-        let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
-        vm.exec_streaming(
-            &ExecRequest::new(args.command.clone()),
-            |b| {
-                let _ = out.write_all(b).and_then(|_| out.flush());
-            },
-            |b| {
-                let _ = err.write_all(b).and_then(|_| err.flush());
-            },
-        )
+        for c in &args.copy_in {
+            vm.copy_in(&c.host, &c.guest)?;
+        }
+        let status = if args.interactive || args.tty {
+            interactive::run(&vm, args.command.clone(), args.interactive, args.tty)?
+        } else {
+            let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+            vm.exec_streaming(
+                &ExecRequest::new(args.command.clone()),
+                |b| {
+                    let _ = out.write_all(b).and_then(|_| out.flush());
+                },
+                |b| {
+                    let _ = err.write_all(b).and_then(|_| err.flush());
+                },
+            )?
+        };
+        for c in &args.copy_out {
+            vm.copy_out(&c.guest, &c.host)?;
+        }
+        Ok(status)
     });
     let _ = vm.kill();
     if args.boot_timer {
@@ -507,6 +550,13 @@ fn main() -> ExitCode {
             if let Err(e) = jail_of(&args) {
                 eprintln!("loft: error: {e}");
             }
+            ExitCode::from(2)
+        }
+        Command::Run(args) if args.command.is_empty() && command_only(&args).is_some() => {
+            let flag = command_only(&args).unwrap_or_default();
+            eprintln!(
+                "loft: error: {flag} works on a command run through the guest agent: add -- CMD"
+            );
             ExitCode::from(2)
         }
         Command::Run(args) if args.api_sock.is_some() && !args.command.is_empty() => {

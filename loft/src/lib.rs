@@ -47,9 +47,13 @@ pub use config::{DiskConfig, MemSize, NetConfig, VmConfig, VsockConfig};
 pub use host::KvmFlavour;
 pub use isolated::IsolatedError;
 pub use jail::Jail;
-pub use loft_agent::client::{ExitStatus, Output};
-pub use loft_agent::{ExecRequest, DEFAULT_OUTPUT_LIMIT};
-pub use sandbox::{VmBuilder, VmHandle, AGENT_PORT, CONSOLE_CAPTURE_LIMIT, DEFAULT_AGENT_TIMEOUT};
+pub use loft_agent::client::{
+    DirEntry, ExitStatus, FileError, FileType, Output, Process, ProcessInput, ProcessOutput,
+};
+pub use loft_agent::{ExecRequest, Resource, DEFAULT_OUTPUT_LIMIT, UNLIMITED};
+pub use sandbox::{
+    VmBuilder, VmHandle, AGENT_CID, AGENT_PORT, CONSOLE_CAPTURE_LIMIT, DEFAULT_AGENT_TIMEOUT,
+};
 pub use snapshot::{Snapshot, SnapshotInfo};
 pub use stop::StopReason;
 

@@ -43,6 +43,9 @@ use crate::Error;
 use loft_agent::client::{self as agent_client, AgentError, ExitStatus, Output};
 pub use loft_agent::ExecRequest;
 
+mod files;
+mod process;
+
 /// Where the guest's console output goes.
 enum Console {
     Discard,
@@ -952,6 +955,12 @@ impl VmHandle {
     pub fn wait_for_agent(&self) -> Result<(), Error> {
         self.sync_after_restore()?;
         self.connect_agent().map(drop)
+    }
+
+    /// A connection to the guest agent for a new request, after the post-restore sync.
+    fn agent_stream(&self) -> Result<std::os::unix::net::UnixStream, Error> {
+        self.sync_after_restore()?;
+        self.connect_agent()
     }
 
     /// A connection to the guest agent, once it listens.

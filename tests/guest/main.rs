@@ -22,6 +22,7 @@ mod exec;
 mod exec_limits;
 mod isolated;
 mod jail;
+mod sandbox;
 mod seccomp;
 mod snapshot;
 mod snapshot_hard;

@@ -79,7 +79,10 @@ impl ProcessInput {
     }
 }
 
-/// A command running in the guest (see the [module](self)).
+/// A command running in the guest: its input, its output as it comes, its end. Nothing runs in
+/// the background: output is read when asked for, so a command whose output nobody reads
+/// stalls once the buffers on the way are full. Dropping it closes the connection, and the
+/// agent kills the command then, unless it was started detached.
 #[derive(Debug)]
 pub struct Process {
     stream: UnixStream,
@@ -308,6 +311,14 @@ impl Process {
                 Err(e) => return Err(AgentError::Io(e)),
             }
         }
+    }
+}
+
+/// The connection, to poll for output together with other file descriptors (then
+/// [`Process::read_output`] with a short timeout reads what arrived).
+impl std::os::fd::AsFd for Process {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.stream.as_fd()
     }
 }
 

@@ -1,8 +1,10 @@
-//! The `loft` command's main thread once its VM runs: it waits for the VM, runs `-- CMD` through
-//! the guest agent (the agent's frames come from the guest: this thread parses hostile input),
-//! streams the command's output to stdout and stderr, restores the user's terminal, and at the
-//! end removes the VM's private socket directory. It starts no thread and opens no file but
-//! that directory; its only sockets are Unix ones to the VM's own vsock socket.
+//! The `loft` command's main thread once its VM runs: it waits for the VM, copies the files of
+//! `--copy-in` into the guest, runs `-- CMD` through the guest agent (the agent's frames come
+//! from the guest: this thread parses hostile input), streams the command's output to stdout and
+//! stderr and, with `-i`, loft's stdin to the command, copies the files of `--copy-out` out,
+//! puts the user's terminal in raw mode for `-t` and restores it, and at the end removes the
+//! VM's private socket directory. It starts no thread; it opens the files the user named and that
+//! directory; its only sockets are Unix ones to the VM's own vsock socket.
 
 use super::{ioctls, Only, Syscall};
 
@@ -21,14 +23,22 @@ pub(super) fn syscalls() -> Vec<Syscall> {
             "recvfrom",
             "the agent's answers (the standard library reads sockets with recv)",
         ),
-        any(libc::SYS_read, "read", "reads on the agent's stream"),
+        any(
+            libc::SYS_read,
+            "read",
+            "reads on the agent's stream, from stdin (-i) and from --copy-in files",
+        ),
         any(
             libc::SYS_setsockopt,
             "setsockopt",
             "deadlines on the agent's stream (SO_RCVTIMEO, SO_SNDTIMEO)",
         ),
         any(libc::SYS_shutdown, "shutdown", "ends the command's stdin"),
-        any(libc::SYS_poll, "poll", "waits on the agent's stream"),
+        any(
+            libc::SYS_poll,
+            "poll",
+            "waits on the agent's stream, and on it and stdin at once (-i)",
+        ),
         any(
             libc::SYS_close,
             "close",
@@ -58,13 +68,14 @@ pub(super) fn syscalls() -> Vec<Syscall> {
                 ioctls::TCSETS,
                 ioctls::TCSETSW,
                 ioctls::TCSETSF,
+                ioctls::TIOCGWINSZ,
             ]),
-            "restores the user's terminal",
+            "puts the user's terminal in raw mode for -t and restores it; its size for -t",
         ),
         any(
             libc::SYS_openat,
             "openat",
-            "the VM's private socket directory, to remove it (O_DIRECTORY)",
+            "--copy-in and --copy-out files; the VM's private socket directory, to remove it",
         ),
         any(
             libc::SYS_getdents64,
@@ -84,7 +95,8 @@ pub(super) fn syscalls() -> Vec<Syscall> {
         any(
             libc::SYS_unlinkat,
             "unlinkat",
-            "removes the private socket directory and the socket in it",
+            "removes the private socket directory and the socket in it, and a --copy-out file \
+             whose copy failed",
         ),
     ]
 }

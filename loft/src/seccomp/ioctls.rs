@@ -78,6 +78,7 @@ ioctl!(TCGETS = libc::TCGETS);
 ioctl!(TCSETS = libc::TCSETS);
 ioctl!(TCSETSW = libc::TCSETSW);
 ioctl!(TCSETSF = libc::TCSETSF);
+ioctl!(TIOCGWINSZ = libc::TIOCGWINSZ);
 
 #[cfg(test)]
 mod tests {
