@@ -9,8 +9,9 @@ PACKAGES=(
   linux-source-6.1
   # the guest's user space and disk images
   busybox-static e2fsprogs
-  # tests: network namespaces, veth and TAP devices; curl drives the control API's socket
-  iproute2 curl
+  # tests: network namespaces, veth and TAP devices; curl drives the control API's socket; tmux
+  # is the terminal `loft run -it` is tested in
+  iproute2 curl tmux
   # benchmarks: the peers loft is compared with
   qemu-system-x86 crun runc
 )

@@ -351,6 +351,9 @@ fn run_command(args: RunArgs, started: Instant) -> Result<u8, loft::Error> {
             eprintln!("loft: error: {e}");
             Ok(127)
         }
+        // A --copy-in or --copy-out that failed: the error names the file; the console has
+        // nothing to add.
+        Err(e) if e.file_error().is_some() => Err(e),
         Err(e) => {
             // Without the command's output, the guest's console says what went wrong.
             let console = vm.console_output();

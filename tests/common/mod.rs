@@ -151,6 +151,25 @@ pub fn assert_one_line_error(o: &Outcome, needles: &[&str]) {
     );
 }
 
+/// The digest `tool` (`md5sum`, `sha256sum`: the guest's busybox has both) prints for `data`,
+/// computed by the host's tool.
+pub fn host_digest(tool: &str, data: &[u8]) -> String {
+    use std::io::Write;
+    let mut child = Command::new(tool)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("run {tool} on the host: {e}"));
+    child.stdin.take().unwrap().write_all(data).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{tool} failed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
 pub fn loft() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_loft"));
     c.env("LOFT_LOG", "info");

@@ -19,7 +19,7 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -108,16 +108,7 @@ fn token(salt: u64) -> String {
 
 /// The MD5 of `data` as `md5sum` prints it (the guest has busybox `md5sum`).
 fn md5_hex(data: &[u8]) -> String {
-    use std::io::Write;
-    let mut child = Command::new("md5sum")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("run md5sum on the host");
-    child.stdin.take().unwrap().write_all(data).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success());
-    String::from_utf8(out.stdout).unwrap()[..32].to_string()
+    common::host_digest("md5sum", data)
 }
 
 fn cmdline(guest_cmd: &str) -> String {

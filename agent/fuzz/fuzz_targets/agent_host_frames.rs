@@ -2,8 +2,8 @@
 //!
 //! The input is the byte stream of one connection. It is read frame by frame as the agent's
 //! readers do (`read_frame(_, Peer::Host)`), and, unless its first frame is an `Exec` (which
-//! would run a command), handed whole to the real connection handler with `Sync` steps that
-//! do nothing.
+//! would run a command) or a file request (which would write, read or remove the fuzzing host's
+//! files), handed whole to the real connection handler with `Sync` steps that do nothing.
 //!
 //! Checked: no panic; a payload is never allocated before it arrives (libFuzzer's
 //! `-malloc_limit_mb` catches a buffer sized from a hostile length); every frame decoded is
@@ -60,6 +60,7 @@ fn check_frame(f: &Frame) {
     match f {
         Frame::Exec { request, .. } => request.validate().expect("decoded Exec is valid"),
         Frame::Sync(request) => request.validate().expect("decoded Sync is valid"),
+        Frame::File(request) => request.validate().expect("decoded file request is valid"),
         _ => {}
     }
     let bytes = f.encode().expect("a decoded frame encodes");
@@ -69,17 +70,17 @@ fn check_frame(f: &Frame) {
 
 fuzz_target!(|data: &[u8]| {
     let mut r = data;
-    let mut first_is_exec = false;
+    let mut acts_on_the_host = false;
     for i in 0.. {
         match read_frame(&mut r, Peer::Host) {
             Ok(Some(f)) => {
                 check_frame(&f);
-                first_is_exec |= i == 0 && matches!(f, Frame::Exec { .. });
+                acts_on_the_host |= i == 0 && matches!(f, Frame::Exec { .. } | Frame::File(_));
             }
             Ok(None) | Err(_) => break,
         }
     }
-    if first_is_exec {
+    if acts_on_the_host {
         return;
     }
     let out = Shared::default();

@@ -2,7 +2,8 @@
 //!
 //! The input's first byte picks the call and an output limit, the rest is what the "agent"
 //! writes on a real Unix stream pair: `exec_on_stream` (with a small output limit, so the
-//! limit path is reached) or `sync_on_stream`, exactly as loft calls them.
+//! limit path is reached), `sync_on_stream`, `read_file` (with a small limit), `list_dir`, or a
+//! `Process` started and waited for, exactly as loft calls them.
 //!
 //! Checked: no panic or hang; a payload is never allocated before it arrives (libFuzzer's
 //! `-malloc_limit_mb` catches a buffer sized from a hostile length); the output handed to the
@@ -17,7 +18,9 @@ use std::sync::Once;
 use std::time::{Duration, SystemTime};
 
 use libfuzzer_sys::fuzz_target;
-use loft_agent::client::{exec_on_stream, sync_on_stream, AgentError, ExitStatus};
+use loft_agent::client::{
+    exec_on_stream, list_dir, read_file, sync_on_stream, AgentError, ExitStatus, Process,
+};
 use loft_agent::ExecRequest;
 
 const TIMEOUT: Option<Duration> = Some(Duration::from_secs(20));
@@ -25,7 +28,11 @@ const TIMEOUT: Option<Duration> = Some(Duration::from_secs(20));
 const MAX_ERROR_MESSAGE: usize = 4096;
 
 fn bounded(e: &AgentError) {
-    if let AgentError::Remote { message, .. } | AgentError::SyncFailed { message, .. } = e {
+    if let AgentError::Remote { message, .. }
+    | AgentError::SyncFailed { message, .. }
+    | AgentError::Version { message }
+    | AgentError::File { message, .. } = e
+    {
         assert!(
             message.len() <= MAX_ERROR_MESSAGE,
             "{} bytes",
@@ -50,7 +57,25 @@ fuzz_target!(|data: &[u8]| {
         let _ = agent.write_all(&rest);
         // Dropping the agent's end is the end of its stream.
     });
-    if mode & 1 == 0 {
+    let limit = [0usize, 1, 100, 4096, 1 << 20][usize::from(mode >> 3) % 5];
+    if mode & 7 == 2 {
+        let mut out = Vec::new();
+        if let Err(e) = read_file(host, "/f", limit as u64, &mut out, TIMEOUT) {
+            bounded(&e);
+        }
+        assert!(out.len() <= limit, "{} bytes past {limit}", out.len());
+    } else if mode & 7 == 4 {
+        if let Err(e) = list_dir(host, "/d", TIMEOUT) {
+            bounded(&e);
+        }
+    } else if mode & 7 == 6 {
+        let req = ExecRequest::new(["true"]).output_limit(limit);
+        match Process::start(host, &req, TIMEOUT).and_then(|mut p| p.wait()) {
+            Ok(ExitStatus::Signal(s)) => assert!(s > 0, "signal {s}"),
+            Ok(ExitStatus::Code(_)) => {}
+            Err(e) => bounded(&e),
+        }
+    } else if mode & 1 == 0 {
         let limit = [0usize, 1, 100, 4096, 1 << 20][usize::from(mode >> 1) % 5];
         let req = ExecRequest::new(["true"]).output_limit(limit);
         let (mut out, mut err) = (0usize, 0usize);

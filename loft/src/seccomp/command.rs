@@ -93,10 +93,14 @@ pub(super) fn syscalls() -> Vec<Syscall> {
             "the private socket directory while removing it",
         ),
         any(
+            libc::SYS_unlink,
+            "unlink",
+            "removes a --copy-out file whose copy failed",
+        ),
+        any(
             libc::SYS_unlinkat,
             "unlinkat",
-            "removes the private socket directory and the socket in it, and a --copy-out file \
-             whose copy failed",
+            "removes the private socket directory and the socket in it",
         ),
     ]
 }
