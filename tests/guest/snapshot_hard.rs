@@ -255,7 +255,8 @@ fn exec_raw(s: &mut UnixStream, argv: &[&str]) -> (String, i32) {
         s.read_exact(&mut body).expect("read a frame");
         match header[0] {
             0x81 => stdout.extend_from_slice(&body),
-            0x82 => {}
+            // Stderr, and Started (the command's pid).
+            0x82 | 0x8a => {}
             0x83 => {
                 let code = i32::from_le_bytes(body[..4].try_into().unwrap());
                 return (String::from_utf8_lossy(&stdout).into_owned(), code);
