@@ -19,6 +19,7 @@ mod host;
 #[allow(dead_code)] // shared with the boot and snapshot benches
 #[path = "boot/measure.rs"]
 mod measure;
+#[allow(dead_code)] // shared with the boot bench
 #[path = "boot/stats.rs"]
 mod stats;
 #[path = "boot/vm.rs"]

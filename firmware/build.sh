@@ -111,6 +111,7 @@ command -v bison >/dev/null || missing+=(bison)
 command -v cpio >/dev/null || missing+=(cpio)
 { command -v gcc && command -v make && command -v strip; } >/dev/null || missing+=(build-essential)
 command -v xz >/dev/null || missing+=(xz-utils)
+command -v lz4 >/dev/null || missing+=(lz4)
 [ "$(dpkg-query -W -f='${Status}' busybox-static 2>/dev/null || true)" = "install ok installed" ] \
   || missing+=(busybox-static)
 command -v mkfs.ext4 >/dev/null || missing+=(e2fsprogs)

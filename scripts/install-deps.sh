@@ -5,7 +5,7 @@ set -euo pipefail
 
 PACKAGES=(
   # building loft (crates with C parts) and the guest kernel
-  build-essential pkg-config bc flex bison libelf-dev libssl-dev cpio xz-utils time
+  build-essential pkg-config bc flex bison libelf-dev libssl-dev cpio xz-utils lz4 time
   linux-source-6.1
   # the guest's user space and disk images
   busybox-static e2fsprogs

@@ -93,6 +93,16 @@ struct RunArgs {
     /// in place) [default: a fresh directory in $TMPDIR, removed at once]
     #[arg(long, value_name = "DIR")]
     jail_dir: Option<PathBuf>,
+    /// The guest's serial console on loft's stdout (on), or dropped (off: for benchmarks that
+    /// time with --boot-timer, as Firecracker users turn its serial off)
+    #[arg(
+        long,
+        value_name = "on|off",
+        default_value = "on",
+        value_parser = on_off(),
+        action = clap::ArgAction::Set
+    )]
+    console: bool,
     /// At exit, print one line to stderr with the wall and CPU milliseconds (since loft started)
     /// at which the VM was built, first entered, the guest reached init and user space, asked
     /// to stop, and loft was done
@@ -369,9 +379,10 @@ fn run_command(args: RunArgs, started: Instant) -> Result<u8, loft::Error> {
 
 /// `loft run`: the guest's console on this terminal until the guest stops.
 fn run(args: RunArgs, started: Instant) -> Result<loft::StopReason, loft::Error> {
-    let mut builder = run_builder(&args, started)?
-        .console_writer(std::io::stdout())
-        .stdin_console();
+    let mut builder = run_builder(&args, started)?.stdin_console();
+    if args.console {
+        builder = builder.console_writer(std::io::stdout());
+    }
     if args.restore.is_none() && args.api_sock.is_none() {
         builder = builder.without_agent();
     }

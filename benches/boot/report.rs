@@ -82,6 +82,10 @@ pub struct Summary {
     pub vmm_overhead_kib: Option<Spread>,
     /// Median ready_ms over loft-elf's median ready_ms.
     pub ratio_to_loft: Option<f64>,
+    /// Boot workload, other runners: in how many interleaved rounds loft-elf's ready_ms was
+    /// below this runner's, and how many rounds both completed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loft_ahead_pairs: Option<(usize, usize)>,
     /// cmd workload: median ready_ms over each base runner's (loft-cold-cmd, crun-cmd).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub ready_ratio_to: BTreeMap<String, f64>,
@@ -140,6 +144,7 @@ pub fn summarize(kinds: &[Kind], runs: &[Run], workload: Workload) -> Vec<Summar
                 cpu_ms: spread_of(&ok, |r| r.cpu_ms),
                 vmm_overhead_kib: spread_of(&ok, |r| kib(r.vmm_overhead_kib)),
                 ratio_to_loft: None,
+                loft_ahead_pairs: None,
                 ready_ratio_to: BTreeMap::new(),
                 measures: k.measures().to_string(),
             }
@@ -152,6 +157,18 @@ pub fn summarize(kinds: &[Kind], runs: &[Run], workload: Workload) -> Vec<Summar
         .map(|s| s.median);
     for r in &mut rows {
         r.ratio_to_loft = stats::ratio(r.ready_ms.map(|s| s.median), base);
+    }
+    let ready_by_round = |name: &str| -> Vec<(usize, f64)> {
+        runs.iter()
+            .filter(|r| r.runner == name && r.ok)
+            .filter_map(|r| Some((r.round, r.ready_ms?)))
+            .collect()
+    };
+    if workload == Workload::Boot {
+        let loft = ready_by_round(Kind::LoftElf.name());
+        for r in rows.iter_mut().filter(|r| r.runner != Kind::LoftElf.name()) {
+            r.loft_ahead_pairs = Some(stats::ahead_in_pairs(&loft, &ready_by_round(&r.runner)));
+        }
     }
     if workload == Workload::Cmd {
         let median_of = |rows: &[Summary], k: Kind| {
@@ -339,6 +356,27 @@ pub fn markdown(r: &Report) -> String {
             sk.reason,
             " |".repeat(bases.len())
         ));
+    }
+    let pairs: Vec<String> = r
+        .summary
+        .iter()
+        .filter_map(|row| {
+            let (ahead, n) = row.loft_ahead_pairs?;
+            let verdict = match n {
+                0 => "no pair to compare",
+                n if ahead * 10 >= n * 8 => "ahead (≥ 8 in 10)",
+                n if ahead * 10 <= n * 2 => "behind (≤ 2 in 10)",
+                _ => "neither ahead nor behind",
+            };
+            Some(format!(
+                "- loft-elf reached the marker first in {ahead} of {n} interleaved pairs against {}: {verdict}\n",
+                row.runner
+            ))
+        })
+        .collect();
+    if !pairs.is_empty() {
+        s.push_str("\nSign test, pair by pair (the same round of the interleaved loop):\n\n");
+        s.push_str(&pairs.concat());
     }
 
     let failed: Vec<&Run> = r.runs.iter().filter(|x| !x.ok).collect();

@@ -81,6 +81,23 @@ pub fn fmt_spread(s: Option<Spread>) -> String {
     }
 }
 
+/// In how many pairs `base` was ahead of `other`: the samples are `(round, value)` (lower is
+/// better), a pair is one round both have; returns (pairs where base < other, pairs). The counts
+/// of a sign test: with 10 pairs, "ahead" means in at least 8.
+pub fn ahead_in_pairs(base: &[(usize, f64)], other: &[(usize, f64)]) -> (usize, usize) {
+    let mut ahead = 0;
+    let mut pairs = 0;
+    for (round, b) in base {
+        if let Some((_, o)) = other.iter().find(|(r, _)| r == round) {
+            pairs += 1;
+            if b < o {
+                ahead += 1;
+            }
+        }
+    }
+    (ahead, pairs)
+}
+
 // cargo builds this harness=false bench with cfg(test) but without #[test] functions
 #[cfg(test)]
 #[allow(unused_imports, dead_code)]
@@ -116,6 +133,16 @@ mod tests {
                 max: 2.5
             })
         );
+    }
+
+    #[test]
+    fn pairs_are_matched_by_round() {
+        let loft = [(1, 10.0), (2, 12.0), (3, 9.0), (5, 8.0)];
+        let other = [(1, 11.0), (2, 11.0), (3, 9.5), (4, 1.0)];
+        assert_eq!(ahead_in_pairs(&loft, &other), (2, 3));
+        assert_eq!(ahead_in_pairs(&loft, &[]), (0, 0));
+        // A tie is not ahead.
+        assert_eq!(ahead_in_pairs(&[(1, 5.0)], &[(1, 5.0)]), (0, 1));
     }
 
     #[test]

@@ -191,4 +191,12 @@ fn tiny_guest_output_reaches_stdout_and_its_reset_ends_loft() {
     }
     // The tiny kernel is not Linux: it never reaches init.
     assert!(timer.contains("kernel_init=- user_init=-"), "{timer}");
+
+    // --console off: the same run, nothing on stdout, the same clean end.
+    let mut cmd = common::loft();
+    cmd.args(["run", "--console", "off", "--memory", "32M", "--kernel"])
+        .arg(&kernel);
+    let o = common::run(cmd, std::time::Duration::from_secs(60));
+    o.assert_clean_exit();
+    assert_eq!(o.stdout, "", "--console off printed the guest's output");
 }
