@@ -364,6 +364,7 @@ pub fn markdown(r: &Report) -> String {
             let (ahead, n) = row.loft_ahead_pairs?;
             let verdict = match n {
                 0 => "no pair to compare",
+                n if n < 10 => "too few pairs for a verdict (10 or more)",
                 n if ahead * 10 >= n * 8 => "ahead (≥ 8 in 10)",
                 n if ahead * 10 <= n * 2 => "behind (≤ 2 in 10)",
                 _ => "neither ahead nor behind",
