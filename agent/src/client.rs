@@ -438,14 +438,18 @@ fn collect_output(
 
 /// The `Exec` frame, plus `StdinEof` right behind it for an empty stdin.
 fn encode_request(cmd: &ExecRequest, stdin: Option<&[u8]>) -> Result<Vec<u8>, AgentError> {
-    let payload = cmd
-        .encode(stdin.is_some())
-        .map_err(AgentError::InvalidRequest)?;
-    let mut bytes = header(Kind::Exec, payload.len() as u32).to_vec();
-    bytes.extend_from_slice(&payload);
+    let mut bytes = exec_frame(cmd, stdin.is_some())?;
     if stdin.is_some_and(<[u8]>::is_empty) {
         bytes.extend_from_slice(&header(Kind::StdinEof, 0));
     }
+    Ok(bytes)
+}
+
+/// The whole `Exec` frame for `cmd`; `stdin`: `Stdin` frames will follow.
+pub(crate) fn exec_frame(cmd: &ExecRequest, stdin: bool) -> Result<Vec<u8>, AgentError> {
+    let payload = cmd.encode(stdin).map_err(AgentError::InvalidRequest)?;
+    let mut bytes = header(Kind::Exec, payload.len() as u32).to_vec();
+    bytes.extend_from_slice(&payload);
     Ok(bytes)
 }
 
@@ -507,16 +511,30 @@ fn run(
 /// its absence) tells the caller what happened.
 fn feed_stdin(stream: &UnixStream, data: &[u8], deadline: Option<Instant>) {
     let mut t = Timed { stream, deadline };
-    let mut frame = Vec::with_capacity(HEADER_LEN + CHUNK);
+    if write_stdin_frames(data, |frame| t.write_all(frame)).is_ok() {
+        let _ = t.write_all(&header(Kind::StdinEof, 0));
+    }
+}
+
+/// Hands `data` to `write` as `Stdin` frames of at most [`CHUNK`] bytes each, one buffer for
+/// all of them; stops at the first error.
+pub(crate) fn write_stdin_frames<E>(
+    data: &[u8],
+    mut write: impl FnMut(&[u8]) -> Result<(), E>,
+) -> Result<(), E> {
+    let mut frame = Vec::with_capacity(HEADER_LEN + CHUNK.min(data.len()));
     for chunk in data.chunks(CHUNK) {
         frame.clear();
         frame.extend_from_slice(&header(Kind::Stdin, chunk.len() as u32));
         frame.extend_from_slice(chunk);
-        if t.write_all(&frame).is_err() {
-            return;
-        }
+        write(&frame)?;
     }
-    let _ = t.write_all(&header(Kind::StdinEof, 0));
+    Ok(())
+}
+
+/// The error for a frame that has no place where it came.
+pub(crate) fn unexpected(f: &Frame) -> AgentError {
+    protocol_error(ProtocolError::Unexpected(f.kind()))
 }
 
 fn read_answer(
@@ -533,7 +551,7 @@ fn read_answer(
             Some(Frame::Exit(code)) => return Ok(ExitStatus::Code(code)),
             Some(Frame::Signal(sig)) => return Ok(ExitStatus::Signal(sig)),
             Some(Frame::Error { errno, message }) => return Err(remote(errno, message)),
-            Some(f) => return Err(protocol_error(ProtocolError::Unexpected(f.kind()))),
+            Some(f) => return Err(unexpected(&f)),
             None => return Err(AgentError::NoExitStatus),
         }
     }
@@ -650,7 +668,7 @@ fn read_sync_answer(stream: &UnixStream, deadline: Option<Instant>) -> Result<()
             message: bounded(message),
         }),
         Some(Frame::Error { errno, message }) => Err(remote(errno, message)),
-        Some(f) => Err(protocol_error(ProtocolError::Unexpected(f.kind()))),
+        Some(f) => Err(unexpected(&f)),
         None => Err(AgentError::NoExitStatus),
     }
 }

@@ -7,26 +7,18 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use crate::files::{DirEntry, FileRequest, FileType};
+use crate::server::Outcome;
 use crate::{header, read_frame, Frame, Kind, Peer, ProtocolError, CHUNK, HEADER_LEN};
 
-/// How a file request ended.
-#[derive(Debug)]
-pub enum FileOutcome {
-    /// `Done` was sent.
-    Done,
-    /// `Error` was sent with this errno and message.
-    Failed(i32, String),
-    /// The host left (or broke the protocol) before the end.
-    HostGone,
-}
-
-/// Serves `req`: reads what follows it from `reader` (a `WriteFile`'s content), answers on
-/// `out` with `write_frames` (whole frames; false when the host is gone).
+/// Serves `req`: reads what follows it from `reader` (a `WriteFile`'s content) and answers
+/// through `write_frames` (whole frames; it returns false when the host is gone). Ends as
+/// [`Outcome::FileDone`], [`Outcome::FileFailed`], or [`Outcome::Abandoned`] when the host
+/// left before the end.
 pub fn serve<R: Read>(
     req: &FileRequest,
     reader: &mut R,
     write_frames: &mut dyn FnMut(&[u8]) -> bool,
-) -> FileOutcome {
+) -> Outcome {
     let result = match req {
         FileRequest::Write {
             path,
@@ -39,7 +31,7 @@ pub fn serve<R: Read>(
     };
     let frame = match result {
         Ok(()) => Frame::Done,
-        Err(Failure::HostGone) => return FileOutcome::HostGone,
+        Err(Failure::HostGone) => return Outcome::Abandoned,
         Err(Failure::Io(what, e)) => Frame::Error {
             errno: e.raw_os_error().unwrap_or(0),
             message: format!("{what} {:?}: {e}", req.path()),
@@ -51,16 +43,16 @@ pub fn serve<R: Read>(
     };
     let sent = frame.encode().map(|b| write_frames(&b)).unwrap_or(false);
     match frame {
-        Frame::Error { errno, message } if sent => {
+        Frame::Error { message, .. } if sent => {
             // Drop the rest of a WriteFile's content so that the host, still sending it, gets
             // to read the answer instead of a broken pipe.
             if matches!(req, FileRequest::Write { .. }) {
                 let _ = skip_content(reader);
             }
-            FileOutcome::Failed(errno, message)
+            Outcome::FileFailed(message)
         }
-        _ if sent => FileOutcome::Done,
-        _ => FileOutcome::HostGone,
+        _ if sent => Outcome::FileDone,
+        _ => Outcome::Abandoned,
     }
 }
 

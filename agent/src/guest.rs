@@ -148,11 +148,13 @@ fn urandom() -> io::Result<File> {
         .open("/dev/urandom")
 }
 
-fn check(ret: libc::c_int) -> io::Result<()> {
+/// A raw system call's result: the error in `errno` when it returned -1, else the value.
+/// Allocates nothing, so it may run between fork and exec.
+pub(crate) fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
     if ret == -1 {
         Err(io::Error::last_os_error())
     } else {
-        Ok(())
+        Ok(ret)
     }
 }
 
@@ -170,7 +172,7 @@ impl SyncOps for LinuxGuest {
             tv_nsec: realtime.subsec_nanos() as libc::c_long,
         };
         // SAFETY: `ts` is a valid timespec that outlives the call; clock_settime only reads it.
-        check(unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) })
+        check(unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) }).map(drop)
     }
 
     fn add_entropy(&self, entropy: &[u8]) -> io::Result<()> {
@@ -196,13 +198,14 @@ impl SyncOps for LinuxGuest {
                 &info as *const RandPoolInfo,
             )
         })
+        .map(drop)
     }
 
     fn reseed(&self) -> io::Result<()> {
         let dev = urandom()?;
         // SAFETY: RNDRESEEDCRNG takes no argument and touches no memory of ours; `dev` is an
         // open descriptor.
-        check(unsafe { libc::ioctl(dev.as_raw_fd(), RNDRESEEDCRNG as _) })
+        check(unsafe { libc::ioctl(dev.as_raw_fd(), RNDRESEEDCRNG as _) }).map(drop)
     }
 
     fn set_clone_id(&self, clone_id: Option<&str>) -> io::Result<()> {

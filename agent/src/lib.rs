@@ -1096,11 +1096,15 @@ impl Frame {
 
     /// Decodes a payload of a given kind.
     pub fn decode(kind: Kind, payload: &[u8]) -> Result<Frame, ProtocolError> {
-        let i32_payload = || -> Result<i32, ProtocolError> {
-            let b: [u8; 4] = payload
+        let four = || -> Result<[u8; 4], ProtocolError> {
+            payload
                 .try_into()
-                .map_err(|_| malformed(kind, format!("{} bytes, expected 4", payload.len())))?;
-            Ok(i32::from_le_bytes(b))
+                .map_err(|_| malformed(kind, format!("{} bytes, expected 4", payload.len())))
+        };
+        let i32_payload = || four().map(i32::from_le_bytes);
+        let signal = || match i32_payload()? {
+            s if s > 0 => Ok(s),
+            s => Err(malformed(kind, format!("signal {s}"))),
         };
         Ok(match kind {
             Kind::Exec => {
@@ -1117,25 +1121,15 @@ impl Frame {
             Kind::WriteFile | Kind::ReadFile | Kind::ListDir | Kind::Remove => {
                 Frame::File(FileRequest::decode(kind, payload)?)
             }
-            Kind::Kill => match i32_payload()? {
-                s if s > 0 => Frame::Kill(s),
-                s => return Err(malformed(kind, format!("signal {s}"))),
-            },
-            Kind::Resize => {
-                Frame::Resize(WindowSize::from_bytes(payload.try_into().map_err(
-                    |_| malformed(kind, format!("{} bytes, expected 4", payload.len())),
-                )?))
-            }
+            Kind::Kill => Frame::Kill(signal()?),
+            Kind::Resize => Frame::Resize(WindowSize::from_bytes(four()?)),
             Kind::Data => Frame::Data(payload.to_vec()),
-            Kind::Started => Frame::Started(i32_payload()? as u32),
+            Kind::Started => Frame::Started(u32::from_le_bytes(four()?)),
             Kind::Entry => Frame::Entry(DirEntry::decode(payload)?),
             Kind::Stdout => Frame::Stdout(payload.to_vec()),
             Kind::Stderr => Frame::Stderr(payload.to_vec()),
             Kind::Exit => Frame::Exit(i32_payload()?),
-            Kind::Signal => match i32_payload()? {
-                s if s > 0 => Frame::Signal(s),
-                s => return Err(malformed(kind, format!("signal {s}"))),
-            },
+            Kind::Signal => Frame::Signal(signal()?),
             Kind::Error => {
                 if payload.len() < 4 {
                     return Err(malformed(kind, "shorter than its errno"));

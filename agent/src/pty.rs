@@ -6,6 +6,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::Path;
 
+use crate::guest::check;
 use crate::WindowSize;
 
 /// A terminal pair: the agent keeps `master`, the command gets `slave` as stdin, stdout and
@@ -16,14 +17,6 @@ pub struct Pty {
     pub master: File,
     /// The command's end.
     pub slave: File,
-}
-
-fn check(r: libc::c_int) -> io::Result<libc::c_int> {
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
 }
 
 /// Opens a new terminal pair of `size` (mounting `devpts` on `/dev/pts` first if nothing is

@@ -21,8 +21,8 @@ use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
-use crate::fileops::{self, FileOutcome};
-use crate::guest::{self, SyncOps};
+use crate::fileops;
+use crate::guest::{self, check, SyncOps};
 use crate::{
     header, pty, read_frame, ExecRequest, Frame, Kind, Peer, ProtocolError, CHUNK, EPROTO,
     HEADER_LEN,
@@ -45,7 +45,7 @@ pub enum Outcome {
     SpawnFailed(String),
     /// The command ran and its `Exit` / `Signal` frame was sent (or the host was gone by then).
     Finished(Frame),
-    /// The host left before the end: the command was killed.
+    /// The host left before the end: the command was killed (or the file request dropped).
     Abandoned,
     /// The host broke the protocol while the command ran: `Error` was sent, the command killed.
     Aborted(String),
@@ -137,25 +137,20 @@ where
         }
         Ok(Some(Frame::File(request))) => {
             let mut write = |bytes: &[u8]| send(&sink, bytes, false);
-            return match fileops::serve(&request, &mut reader, &mut write) {
-                FileOutcome::Done => Outcome::FileDone,
-                FileOutcome::Failed(_, message) => Outcome::FileFailed(message),
-                FileOutcome::HostGone => Outcome::Abandoned,
-            };
+            return fileops::serve(&request, &mut reader, &mut write);
         }
         Ok(Some(f)) => {
             let msg = ProtocolError::Unexpected(f.kind()).to_string();
             send_error(&sink, 0, msg.clone());
             return Outcome::Rejected(msg);
         }
-        Err(e @ ProtocolError::Version { .. }) => {
-            let msg = e.to_string();
-            send_error(&sink, EPROTO, msg.clone());
-            return Outcome::Rejected(msg);
-        }
         Err(e) => {
             let msg = e.to_string();
-            send_error(&sink, 0, msg.clone());
+            let errno = match e {
+                ProtocolError::Version { .. } => EPROTO,
+                _ => 0,
+            };
+            send_error(&sink, errno, msg.clone());
             return Outcome::Rejected(msg);
         }
     };
@@ -203,10 +198,9 @@ where
             }
             Ok(Event::HostGone) if request.detach => {
                 // Asked to outlive the connection: it runs on; a thread reaps it.
+                // (Without a reaper it would stay a zombie once done; it runs either way.)
                 let reaper = thread::Builder::new().stack_size(STACK_SIZE);
-                if reaper.spawn(move || child.wait()).is_err() {
-                    // Without a reaper it would stay a zombie; it still runs.
-                }
+                let _ = reaper.spawn(move || child.wait());
                 return Outcome::Detached;
             }
             Ok(Event::HostGone) => {
@@ -276,26 +270,19 @@ fn spawn(req: &ExecRequest, stdin: bool) -> std::io::Result<Spawned> {
         .collect();
     let user = req.user.clone();
     let drop_privileges = move || -> std::io::Result<()> {
-        let ok = |r: libc::c_int| {
-            if r == 0 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
-        };
         for (resource, lim) in &rlimits {
             // SAFETY: setrlimit reads one rlimit from a live reference. (`as _`: glibc's
             // resource type is an enum typedef.)
-            ok(unsafe { libc::setrlimit(*resource as _, lim) })?;
+            check(unsafe { libc::setrlimit(*resource as _, lim) })?;
         }
         if let Some(u) = &user {
             // SAFETY: setgroups reads `len` gids from the live vector; setgid and setuid take
             // integers. All three are async-signal-safe, as pre_exec needs.
-            ok(unsafe { libc::setgroups(u.groups.len(), u.groups.as_ptr()) })?;
+            check(unsafe { libc::setgroups(u.groups.len(), u.groups.as_ptr()) })?;
             // SAFETY: as above.
-            ok(unsafe { libc::setgid(u.gid) })?;
+            check(unsafe { libc::setgid(u.gid) })?;
             // SAFETY: as above.
-            ok(unsafe { libc::setuid(u.uid) })?;
+            check(unsafe { libc::setuid(u.uid) })?;
         }
         Ok(())
     };
@@ -310,9 +297,8 @@ fn spawn(req: &ExecRequest, stdin: bool) -> std::io::Result<Spawned> {
             cmd.pre_exec(move || {
                 // A session of its own, with the terminal (its stdin by now) as controlling
                 // terminal: job control and ^C work as on a console.
-                if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+                check(libc::setsid())?;
+                check(libc::ioctl(0, libc::TIOCSCTTY, 0))?;
                 drop_privileges()
             })
         };
@@ -460,12 +446,13 @@ fn host_reader<R: Read>(
                 }
                 continue;
             }
-            Ok(Some(Frame::Resize(size))) if pty.is_some() => {
-                if let Some(master) = &pty {
+            Ok(Some(Frame::Resize(size))) => match &pty {
+                Some(master) => {
                     let _ = pty::set_size(master, size);
+                    continue;
                 }
-                continue;
-            }
+                None => Event::Fatal(ProtocolError::Unexpected(Kind::Resize).to_string()),
+            },
             Ok(Some(f)) => Event::Fatal(ProtocolError::Unexpected(f.kind()).to_string()),
             Ok(None) | Err(ProtocolError::Io(_)) => Event::HostGone,
             Err(e) => Event::Fatal(e.to_string()),

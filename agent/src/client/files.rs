@@ -7,9 +7,9 @@ use std::io::{self, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use super::{deadline_after, io_error, protocol_error, remote, AgentError, Timed};
+use super::{deadline_after, io_error, protocol_error, remote, unexpected, AgentError, Timed};
 use crate::files::{DirEntry, FileRequest};
-use crate::{header, read_frame, Frame, Kind, Peer, ProtocolError, CHUNK, HEADER_LEN};
+use crate::{header, read_frame, Frame, Kind, Peer, CHUNK, HEADER_LEN};
 
 /// Most entries [`list_dir`] takes from one directory.
 pub const MAX_ENTRIES: usize = 1 << 20;
@@ -74,7 +74,7 @@ fn too_large(path: &str, what: String) -> AgentError {
     }
 }
 
-/// Sends the request frame; on a broken stream, what the agent answered (if it did) says more.
+/// Sends the request frame (checked first: an invalid request sends nothing).
 fn send_request(
     stream: &UnixStream,
     req: &FileRequest,
@@ -105,10 +105,6 @@ fn read_until_done(
     }
 }
 
-fn unexpected(f: &Frame) -> AgentError {
-    protocol_error(ProtocolError::Unexpected(f.kind()))
-}
-
 /// Writes `content` (read to its end) to the guest file `path` (absolute), created or
 /// truncated with permission bits `mode`, creating missing parent directories. Returns the
 /// bytes written. The guest writes as root.
@@ -125,7 +121,6 @@ pub fn write_file(
         mode,
         parents: true,
     };
-    req.validate().map_err(AgentError::InvalidRequest)?;
     send_request(&stream, &req, deadline)?;
     let mut t = Timed {
         stream: &stream,

@@ -15,10 +15,11 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{deadline_after, io_error, protocol_error, remote, AgentError, ExitStatus, Timed};
-use crate::{
-    read_header, ExecRequest, Frame, Kind, Peer, ProtocolError, WindowSize, CHUNK, HEADER_LEN,
+use super::{
+    deadline_after, exec_frame, io_error, protocol_error, remote, unexpected, write_stdin_frames,
+    AgentError, ExitStatus, Timed,
 };
+use crate::{read_header, ExecRequest, Frame, Kind, Peer, ProtocolError, WindowSize, HEADER_LEN};
 
 /// A chunk of a running command's output.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,13 +49,7 @@ impl ProcessInput {
     /// Writes `data` to the command's stdin (in chunks of at most 64 KiB). Blocks while the
     /// command does not read and the buffers on the way are full.
     pub fn write_stdin(&self, data: &[u8]) -> Result<(), AgentError> {
-        for chunk in data.chunks(CHUNK) {
-            let mut frame = Vec::with_capacity(HEADER_LEN + chunk.len());
-            frame.extend_from_slice(&crate::header(Kind::Stdin, chunk.len() as u32));
-            frame.extend_from_slice(chunk);
-            self.send(&frame)?;
-        }
-        Ok(())
+        write_stdin_frames(data, |frame| self.send(frame))
     }
 
     /// Closes the command's stdin (on a terminal: sends its end-of-file character, ^D).
@@ -108,9 +103,7 @@ impl Process {
         cmd: &ExecRequest,
         timeout: Option<Duration>,
     ) -> Result<Process, AgentError> {
-        let payload = cmd.encode(true).map_err(AgentError::InvalidRequest)?;
-        let mut frame = crate::header(Kind::Exec, payload.len() as u32).to_vec();
-        frame.extend_from_slice(&payload);
+        let frame = exec_frame(cmd, true)?;
         let deadline = deadline_after(timeout);
         Timed {
             stream: &stream,
@@ -137,7 +130,7 @@ impl Process {
                 Ok(p)
             }
             Some(Frame::Error { errno, message }) => Err(remote(errno, message)),
-            Some(f) => Err(protocol_error(ProtocolError::Unexpected(f.kind()))),
+            Some(f) => Err(unexpected(&f)),
             None => Err(AgentError::Timeout),
         }
     }
@@ -256,7 +249,7 @@ impl Process {
             Frame::Exit(code) => ExitStatus::Code(code),
             Frame::Signal(sig) => ExitStatus::Signal(sig),
             Frame::Error { errno, message } => return Err(remote(errno, message)),
-            f => return Err(protocol_error(ProtocolError::Unexpected(f.kind()))),
+            f => return Err(unexpected(&f)),
         });
         Ok(())
     }
